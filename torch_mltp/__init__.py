@@ -1,0 +1,32 @@
+"""torch_mltp: the meta-learning based training procedure (MLTP) of Deng & Zhang for any PyTorch model.
+
+The core (this package's top level) imports only torch::
+
+    from torch_mltp import MLTPOptimizer, task_closures
+    opt = MLTPOptimizer(torch.optim.Adam(model.parameters(), lr=1e-3), model, eta=1.0, mode="fo")
+    opt.zero_grad()
+    J = opt.step(*task_closures(lambda x, y: F.cross_entropy(model(x), y), x, y))
+"""
+
+from .functional import MLTPGradients, lookahead, mltp_gradients
+from .optimizer import MLTPOptimizer, MLTPStepResult, task_closures
+from .selection import CONV_TYPES, FC_TYPES, PAPER_MODES, Layer, Mode, model_layers, select_layers
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CONV_TYPES",
+    "FC_TYPES",
+    "PAPER_MODES",
+    "Layer",
+    "MLTPGradients",
+    "MLTPOptimizer",
+    "MLTPStepResult",
+    "Mode",
+    "__version__",
+    "lookahead",
+    "mltp_gradients",
+    "model_layers",
+    "select_layers",
+    "task_closures",
+]

@@ -1,0 +1,223 @@
+"""The MLTP objective and its exact gradients, with no state (paper section III, eqs. 2-5).
+
+For two tasks i and j, trainable parameters ``w``, a selected subset ``S`` of them and step sizes
+``alpha``::
+
+    g_i   = dL_i/dw (w)                                      eq. (2)
+    w'_S  = w_S - alpha * g_i,S,   w'_k = w_k  for k not in S   eq. (3), Algorithm 1 line 4
+    J     = L_i(w) + eta * L_j(w')                           eq. (4)
+
+and, with ``h_j = dL_j/dw (w')`` and ``H_i`` the Hessian of ``L_i`` at ``w``::
+
+    dJ/dw      = g_i + eta * h_j - eta * H_i[:, S] (alpha * h_j,S)     (exact, "second order")
+    dJ/dw      = g_i + eta * h_j                                      (first order: dw'/dw := I)
+    dJ/dalpha  = -eta * <h_j,S, g_i,S>   summed over what alpha is shared by (exact in both)
+
+The Hessian term is one Hessian-vector product through the graph of ``g_i``, so ``L_i`` is
+differentiated once (with ``create_graph``) and then once more; nothing is recomputed.
+The lookahead runs the closure for task j with the parameters' storage swapped for ``w'`` and
+restores the original storage in every path, so the weights are bit-for-bit unchanged afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+Closure = Callable[[], Tensor]
+
+
+class MLTPGradients(NamedTuple):
+    """Everything one MLTP step computes; every tensor is detached.
+
+    ``param_grads[k]`` is ``dJ/dw_k`` (``None`` when ``w_k`` is used by neither loss) and
+    ``alpha_grads[a]`` is ``dJ/dalpha_a`` (``None`` when the alphas' gradients were not asked for).
+    """
+
+    objective: Tensor
+    loss_i: Tensor
+    loss_j: Tensor
+    param_grads: list[Optional[Tensor]]
+    alpha_grads: Optional[list[Tensor]]
+
+
+def evaluate_loss(closure: Closure, task: str) -> Tensor:
+    """Run a closure and check that it returned a differentiable scalar."""
+    loss = closure()
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"closure_{task} must return a scalar loss tensor, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(
+            f"closure_{task} must return a scalar loss, got a tensor of shape {tuple(loss.shape)} "
+            "(reduce it, e.g. with .mean())"
+        )
+    if not loss.requires_grad:
+        raise ValueError(
+            f"closure_{task} returned a loss that does not require grad: it must run the model's "
+            "forward pass with autograd enabled and must not call .backward() or .detach()"
+        )
+    return loss.reshape(())
+
+
+def lookahead(params: Sequence[Tensor], grads: Sequence[Tensor], alphas: Sequence[Tensor]) -> list[Tensor]:
+    """The inner gradient step of eq. (3) / Algorithm 1 line 4: ``w' = w - alpha * g``.
+
+    Each ``alphas[k]`` broadcasts against ``params[k]`` (a scalar per layer or tensor, or one
+    value per element).
+    """
+    with torch.no_grad():
+        return torch._foreach_addcmul(list(params), list(grads), list(alphas), value=-1)
+
+
+@contextmanager
+def swapped_storage(params: Sequence[Tensor], values: Sequence[Tensor]) -> Iterator[None]:
+    """Make each ``params[k]`` hold ``values[k]`` inside the block; restore the originals after.
+
+    The swap exchanges storage (``.data``), so the restore is exact and copies nothing, and
+    autograd's leaves (and a module's references to them) stay the same objects.
+    """
+    originals = [p.data for p in params]
+    try:
+        for p, v in zip(params, values):
+            p.data = v
+        yield
+    finally:
+        for p, original in zip(params, originals):
+            p.data = original
+
+
+def mltp_gradients(
+    closure_i: Closure,
+    closure_j: Closure,
+    params: Sequence[Tensor],
+    shifted: Sequence[int],
+    alphas: Sequence[Tensor],
+    alpha_of: Sequence[int],
+    eta: float,
+    first_order: bool,
+    alpha_grads: bool = True,
+) -> MLTPGradients:
+    """Compute ``J`` (eq. 4) and its exact gradients with respect to ``w`` and ``alpha``.
+
+    Args:
+        closure_i, closure_j: forward passes on task i and task j returning scalar losses.
+        params: the trainable tensors ``w`` (leaves the closures use).
+        shifted: indices into ``params`` of the lookahead set ``S``.
+        alphas: the step-size tensors; ``alphas[alpha_of[n]]`` is the step size of
+            ``params[shifted[n]]`` and broadcasts against it (scalar or same shape).
+        eta: weight of the task-j loss.
+        first_order: take ``dw'/dw`` as the identity (MLTP_FO) instead of the exact Jacobian.
+        alpha_grads: also return ``dJ/dalpha`` (skip it when alpha is a fixed hyperparameter).
+    """
+    with torch.enable_grad():
+        return _mltp_gradients(
+            closure_i, closure_j, list(params), shifted, alphas, alpha_of, eta, first_order, alpha_grads
+        )
+
+
+def _mltp_gradients(
+    closure_i: Closure,
+    closure_j: Closure,
+    params: list[Tensor],
+    shifted: Sequence[int],
+    alphas: Sequence[Tensor],
+    alpha_of: Sequence[int],
+    eta: float,
+    first_order: bool,
+    alpha_grads: bool,
+) -> MLTPGradients:
+    loss_i = evaluate_loss(closure_i, "i")
+    grads_i = torch.autograd.grad(loss_i, params, create_graph=not first_order, allow_unused=True)
+    g_shift = [_detached_or_zeros(grads_i[k], params[k]) for k in shifted]
+    step_alphas = [alphas[a].detach() for a in alpha_of]
+
+    shifted_params = [params[k] for k in shifted]
+    with swapped_storage(shifted_params, lookahead(shifted_params, g_shift, step_alphas)):
+        loss_j = evaluate_loss(closure_j, "j")
+        grads_j = torch.autograd.grad(loss_j, params, allow_unused=True)
+
+    h_shift = [_detached_or_zeros(grads_j[k], params[k]) for k in shifted]
+    hessian_term: Sequence[Optional[Tensor]] = [None] * len(params)
+    if not first_order:
+        hessian_term = _hessian_vector_product(
+            [grads_i[k] for k in shifted], params, torch._foreach_mul(h_shift, step_alphas)
+        )
+    param_grads = [_combine(g_i, g_j, hvp, eta) for g_i, g_j, hvp in zip(grads_i, grads_j, hessian_term)]
+    objective = (loss_i + eta * loss_j).detach()
+    return MLTPGradients(
+        objective,
+        loss_i.detach(),
+        loss_j.detach(),
+        param_grads,
+        _alpha_gradients(h_shift, g_shift, alphas, alpha_of, eta) if alpha_grads else None,
+    )
+
+
+def _hessian_vector_product(
+    grads_with_graph: Sequence[Optional[Tensor]], params: Sequence[Tensor], vectors: Sequence[Tensor]
+) -> Sequence[Optional[Tensor]]:
+    """``H_i[:, S] v``: the derivative of ``<g_i,S, v>`` with respect to every parameter."""
+    pairs = [(g, v) for g, v in zip(grads_with_graph, vectors) if g is not None and g.requires_grad]
+    if not pairs:  # L_i is linear in the shifted parameters: the Hessian block is zero
+        return [None] * len(params)
+    outputs, grad_outputs = zip(*pairs)
+    return torch.autograd.grad(outputs, params, grad_outputs=grad_outputs, allow_unused=True)
+
+
+def _combine(
+    g_i: Optional[Tensor], h_j: Optional[Tensor], hvp: Optional[Tensor], eta: float
+) -> Optional[Tensor]:
+    """``dJ/dw = g_i + eta * h_j - eta * hvp`` with absent terms treated as zero."""
+    grad = None if g_i is None else g_i.detach()
+    for term, scale in ((h_j, eta), (hvp, -eta)):
+        if term is not None:
+            grad = term.detach() * scale if grad is None else grad.add(term.detach(), alpha=scale)
+    return grad
+
+
+def _alpha_gradients(
+    h_shift: Sequence[Tensor],
+    g_shift: Sequence[Tensor],
+    alphas: Sequence[Tensor],
+    alpha_of: Sequence[int],
+    eta: float,
+) -> list[Tensor]:
+    """``dJ/dalpha = -eta * <h_j, g_i>`` over the entries each alpha scales (eq. 4 differentiated)."""
+    grads = [torch.zeros_like(a) for a in alphas]
+    products = torch._foreach_mul(list(h_shift), list(g_shift))
+    for product, a in zip(products, alpha_of):
+        reduced = product.sum() if grads[a].dim() == 0 else product
+        grads[a].sub_(reduced, alpha=eta)
+    return grads
+
+
+def _detached_or_zeros(grad: Optional[Tensor], param: Tensor) -> Tensor:
+    return torch.zeros_like(param) if grad is None else grad.detach()
+
+
+def first_nonfinite(result: MLTPGradients) -> Optional[str]:
+    """Name the first non-finite quantity of a step (``"L_i"``, ``"L_j"``, a gradient), else ``None``.
+
+    One fused reduction decides the common, all-finite case; only a failure pays for a search.
+    """
+    grads = [g for g in (*result.param_grads, *(result.alpha_grads or ())) if g is not None]
+    checks = [result.loss_i.reshape(1).float(), result.loss_j.reshape(1).float()]
+    if grads:
+        checks.append(torch.stack(torch._foreach_norm(grads)).float())
+    if math.isfinite(torch.cat(checks).sum().item()):
+        return None
+    if not torch.isfinite(result.loss_i):
+        return "L_i"
+    if not torch.isfinite(result.loss_j):
+        return "L_j"
+    for k, g in enumerate(result.param_grads):
+        if g is not None and not torch.isfinite(g).all():
+            return f"dJ/dw[{k}]"
+    for a, g in enumerate(result.alpha_grads or ()):
+        if not torch.isfinite(g).all():
+            return f"dJ/dalpha[{a}]"
+    return None  # the norms overflowed, but every entry is finite
