@@ -81,8 +81,9 @@ def model_layers(model: nn.Module) -> list[Layer]:
     return layers
 
 
-def select_layers(model: nn.Module, mode: Mode) -> list[Layer]:
+def select_layers(model: nn.Module, mode: str | Mode) -> list[Layer]:
     """The layers of ``model`` that ``mode`` shifts; raises ``ValueError`` when none matches."""
+    mode = resolve_mode(mode)
     matches = _layer_matcher(mode.layers)
     layers = model_layers(model)
     selected = [layer for layer in layers if matches(layer.name, layer.module)]
