@@ -1,0 +1,39 @@
+"""CIFAR-10 and CIFAR-100 through torchvision, with the paper's preprocessing (section IV-A/B)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .common import DatasetError, DataSplits
+from .transforms import cifar_transforms
+
+# data set name -> (display name, torchvision class name, number of classes)
+CIFAR_VARIANTS = {
+    "cifar10": ("CIFAR-10", "CIFAR10", 10),
+    "cifar100": ("CIFAR-100", "CIFAR100", 100),
+}
+
+
+def load_cifar(name: str, root: str | os.PathLike, download: bool = False) -> DataSplits:
+    """The official python version of CIFAR-10/100 under ``root`` (torchvision's layout, md5-checked)."""
+    from torchvision import datasets
+
+    title, class_name, num_classes = CIFAR_VARIANTS[name]
+    dataset_class = getattr(datasets, class_name)
+    folder = Path(root) / dataset_class.base_folder
+    try:
+        train = dataset_class(root, train=True, transform=cifar_transforms(train=True), download=download)
+        test = dataset_class(root, train=False, transform=cifar_transforms(train=False))
+    except (RuntimeError, OSError) as err:
+        if download:
+            problem = f"{title} could not be downloaded from {dataset_class.url} into {root} ({err})"
+        elif folder.is_dir():
+            problem = f"{title} under {folder} is damaged (missing file or md5 mismatch)"
+        else:
+            problem = f"{title} not found under {folder}"
+        raise DatasetError(
+            f"{problem}: download it with download=True (CLI: --download) or extract the official python "
+            f"version ({dataset_class.filename}) under {root}"
+        ) from err
+    return DataSplits(train=train, test=test, num_classes=num_classes, input_shape=(3, 32, 32), name=name)
