@@ -146,15 +146,11 @@ def _mltp_gradients(
         hessian_term = _hessian_vector_product(
             [grads_i[k] for k in shifted], params, torch._foreach_mul(h_shift, step_alphas)
         )
-    param_grads = [_combine(g_i, g_j, hvp, eta) for g_i, g_j, hvp in zip(grads_i, grads_j, hessian_term)]
-    objective = (loss_i + eta * loss_j).detach()
-    return MLTPGradients(
-        objective,
-        loss_i.detach(),
-        loss_j.detach(),
-        param_grads,
-        _alpha_gradients(h_shift, g_shift, alphas, alpha_of, eta) if alpha_grads else None,
-    )
+    with torch.no_grad():
+        alpha_result = _alpha_gradients(h_shift, g_shift, alphas, alpha_of, eta) if alpha_grads else None
+        param_grads = _combine(grads_i, grads_j, hessian_term, eta)
+        objective = loss_i + eta * loss_j
+    return MLTPGradients(objective, loss_i.detach(), loss_j.detach(), param_grads, alpha_result)
 
 
 def _hessian_vector_product(
@@ -169,14 +165,25 @@ def _hessian_vector_product(
 
 
 def _combine(
-    g_i: Optional[Tensor], h_j: Optional[Tensor], hvp: Optional[Tensor], eta: float
-) -> Optional[Tensor]:
-    """``dJ/dw = g_i + eta * h_j - eta * hvp`` with absent terms treated as zero."""
-    grad = None if g_i is None else g_i.detach()
-    for term, scale in ((h_j, eta), (hvp, -eta)):
-        if term is not None:
-            grad = term.detach() * scale if grad is None else grad.add(term.detach(), alpha=scale)
-    return grad
+    grads_i: Sequence[Optional[Tensor]],
+    grads_j: Sequence[Optional[Tensor]],
+    hessian_term: Sequence[Optional[Tensor]],
+    eta: float,
+) -> list[Optional[Tensor]]:
+    """``dJ/dw = g_i + eta * h_j - eta * hvp`` per tensor, absent terms read as zero.
+
+    Runs under ``no_grad`` after every other use of ``g_i``, so it accumulates into ``g_i`` in place
+    (one fused ``_foreach`` call per term for the usual case where every term is present).
+    """
+    combined = [g.detach() if g is not None else None for g in grads_i]
+    for terms, scale in ((grads_j, eta), (hessian_term, -eta)):
+        both = [k for k, (g, t) in enumerate(zip(combined, terms)) if g is not None and t is not None]
+        if both:
+            torch._foreach_add_([combined[k] for k in both], [terms[k].detach() for k in both], alpha=scale)
+        for k, term in enumerate(terms):
+            if term is not None and combined[k] is None:
+                combined[k] = term.detach() * scale
+    return combined
 
 
 def _alpha_gradients(
@@ -186,12 +193,17 @@ def _alpha_gradients(
     alpha_of: Sequence[int],
     eta: float,
 ) -> list[Tensor]:
-    """``dJ/dalpha = -eta * <h_j, g_i>`` over the entries each alpha scales (eq. 4 differentiated)."""
-    grads = [torch.zeros_like(a) for a in alphas]
-    products = torch._foreach_mul(list(h_shift), list(g_shift))
-    for product, a in zip(products, alpha_of):
-        reduced = product.sum() if grads[a].dim() == 0 else product
-        grads[a].sub_(reduced, alpha=eta)
+    """``dJ/dalpha = -eta * <h_j, g_i>`` over the entries each alpha scales (eq. 4 differentiated).
+
+    A scalar alpha gets the inner product summed over its tensors; an element-wise alpha the
+    element-wise product.
+    """
+    sums: list[Optional[Tensor]] = [None] * len(alphas)
+    for h, g, a in zip(h_shift, g_shift, alpha_of):
+        product = torch.vdot(h.reshape(-1), g.reshape(-1)) if alphas[a].dim() == 0 else h * g
+        sums[a] = product if sums[a] is None else sums[a] + product
+    grads = [torch.zeros_like(alpha) if s is None else s.to(alpha.dtype) for s, alpha in zip(sums, alphas)]
+    torch._foreach_mul_(grads, -eta)
     return grads
 
 
@@ -205,10 +217,8 @@ def first_nonfinite(result: MLTPGradients) -> Optional[str]:
     One fused reduction decides the common, all-finite case; only a failure pays for a search.
     """
     grads = [g for g in (*result.param_grads, *(result.alpha_grads or ())) if g is not None]
-    checks = [result.loss_i.reshape(1).float(), result.loss_j.reshape(1).float()]
-    if grads:
-        checks.append(torch.stack(torch._foreach_norm(grads)).float())
-    if math.isfinite(torch.cat(checks).sum().item()):
+    norms = torch._foreach_norm([result.loss_i, result.loss_j, *grads])
+    if math.isfinite(torch.stack(norms).float().sum().item()):
         return None
     if not torch.isfinite(result.loss_i):
         return "L_i"
