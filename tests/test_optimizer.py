@@ -468,3 +468,17 @@ def test_nonfinite_step_raises_or_skips_and_changes_nothing(loss_i, loss_j, quan
         opt.skipped_steps = 0
         state_after = optimizer_state(opt)
     assert state_after == state_before
+
+
+def test_freezing_a_selected_layer_and_adding_a_group_after_wrapping():
+    model = small_cnn().double().eval()
+    extra = nn.Linear(4, 4).double()
+    opt = MLTPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, mode="fo", alpha_init=0.1)
+    x, y = batches(1)[0]
+    x = x.double()
+    model[0].requires_grad_(False)  # freeze the first conv layer mid-training
+    opt.add_param_group({"params": extra.parameters()})  # and train a new head beside it
+    loss = lambda a, b: F.cross_entropy(extra(model(a)), b)
+    opt.step(*task_closures(loss, x, y))
+    assert model[0].weight.grad is None and opt.alphas["0"].grad.item() == 0.0
+    assert extra.weight.grad is not None and model[8].weight.grad is not None

@@ -100,11 +100,10 @@ class MLTPOptimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
         self.last_result: Optional[MLTPStepResult] = None
 
-        self._params = [p for g in base_optimizer.param_groups for p in g["params"] if p.requires_grad]
-        index_of = {id(p): k for k, p in enumerate(self._params)}
+        held = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
         layers = select_layers(model, self.mode)
         missing = [
-            n for layer in layers for n, p in zip(layer.param_names, layer.params) if id(p) not in index_of
+            n for layer in layers for n, p in zip(layer.param_names, layer.params) if id(p) not in held
         ]
         if missing:
             raise ValueError(
@@ -114,7 +113,7 @@ class MLTPOptimizer(torch.optim.Optimizer):
             )
 
         self.alphas: dict[str, Tensor] = {}
-        self._shifted: list[int] = []
+        self._shifted_params: list[Tensor] = []
         self._alpha_of: list[int] = []
         for layer in layers:
             alpha_index = None
@@ -124,7 +123,7 @@ class MLTPOptimizer(torch.optim.Optimizer):
                     shape = param.shape if alpha_per == "element" else ()
                     self.alphas[key] = _draw_alpha(shape, param, alpha_mean, alpha_std, learn_alpha)
                     alpha_index = len(self.alphas) - 1
-                self._shifted.append(index_of[id(param)])
+                self._shifted_params.append(param)
                 self._alpha_of.append(alpha_index)
         self._alpha_list = list(self.alphas.values())
 
@@ -133,11 +132,6 @@ class MLTPOptimizer(torch.optim.Optimizer):
             alpha_group["lr"] = alpha_lr if alpha_lr is not None else _base_lr(base_optimizer)
             if "weight_decay" in base_optimizer.defaults:
                 alpha_group["weight_decay"] = 0.0
-            if base_optimizer.defaults.get("foreach", False) is None and not base_optimizer.defaults.get(
-                "fused"
-            ):
-                # Many tiny tensors: the multi-tensor rule is the same update at a fraction of the cost.
-                alpha_group["foreach"] = True
             base_optimizer.add_param_group(alpha_group)
 
         # Optimizer.__init__ sets up the step/state-dict hook machinery; the groups and the state
@@ -175,13 +169,14 @@ class MLTPOptimizer(torch.optim.Optimizer):
             raise TypeError(
                 "step() takes two callables, closure_i and closure_j, each returning a scalar loss"
             )
+        params, shifted, alpha_of = self._layout()
         result = mltp_gradients(
             closure_i,
             closure_j,
-            self._params,
-            self._shifted,
+            params,
+            shifted,
             self._alpha_list,
-            self._alpha_of,
+            alpha_of,
             self._eta,
             self.mode.first_order,
             alpha_grads=self.learn_alpha,
@@ -196,7 +191,7 @@ class MLTPOptimizer(torch.optim.Optimizer):
                 )
             self.skipped_steps += 1
             return result.objective
-        targets = self._params + (self._alpha_list if self.learn_alpha else [])
+        targets = params + (self._alpha_list if self.learn_alpha else [])
         grads = result.param_grads + (result.alpha_grads or [])
         for tensor, grad in zip(targets, grads):
             if grad is None:
@@ -207,6 +202,20 @@ class MLTPOptimizer(torch.optim.Optimizer):
                 tensor.grad.add_(grad)
         self.base_optimizer.step()
         return result.objective
+
+    def _layout(self) -> tuple[list[Tensor], list[int], list[int]]:
+        """This step's ``w`` (trainable tensors of the weight groups), the selection's indices in it,
+        and the alpha of each; derived per step so that added groups and (un)freezing are honoured."""
+        params = [
+            p for g in self.param_groups if not g.get(ALPHA_GROUP_KEY) for p in g["params"] if p.requires_grad
+        ]
+        index_of = {id(p): k for k, p in enumerate(params)}
+        shifted, alpha_of = [], []
+        for param, alpha_index in zip(self._shifted_params, self._alpha_of):
+            if id(param) in index_of:
+                shifted.append(index_of[id(param)])
+                alpha_of.append(alpha_index)
+        return params, shifted, alpha_of
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients of the weights and of the alphas."""
