@@ -164,12 +164,17 @@ def halves_step(model: nn.Module) -> Step:
     return step
 
 
-def mltp_step(mode: str) -> Callable[[nn.Module], Step]:
+def mltp_step(mode: str, learn_alpha: bool = True) -> Callable[[nn.Module], Step]:
     """torch_mltp's ``MLTPOptimizer`` around Adam in ``mode``, as its docstring shows."""
 
     def factory(model: nn.Module) -> Step:
         opt = MLTPOptimizer(
-            torch.optim.Adam(model.parameters(), lr=LR), model, eta=ETA, alpha_init=ALPHA_INIT, mode=mode
+            torch.optim.Adam(model.parameters(), lr=LR),
+            model,
+            eta=ETA,
+            alpha_init=ALPHA_INIT,
+            mode=mode,
+            learn_alpha=learn_alpha,
         )
         loss = cross_entropy_of(model)
 
@@ -277,6 +282,7 @@ CONTESTANTS: dict[str, Callable[[nn.Module], Step]] = {
     "standard": standard_step,
     "halves": halves_step,
     **{mode: mltp_step(mode) for mode in MLTP_MODES},
+    "fo-fixed-alpha": mltp_step("fo", learn_alpha=False),  # alpha as a hyperparameter (paper III-E)
     **{peer: peer_step(peer) for peer in PEERS},
 }
 
@@ -442,7 +448,7 @@ def peer_problem(peer: str) -> Optional[str]:
 def plan_contestants(workload: Workload, seed: int) -> tuple[list[str], dict[str, str]]:
     """The contestants to run on ``workload`` and a note for each one left out."""
     model = build_model(workload, torch.device("cpu"), seed)
-    names, skipped = ["standard", "halves", "fo"], {}
+    names, skipped = ["standard", "halves", "fo", "fo-fixed-alpha"], {}
     full_layers = selected_layer_names(model, "full")
     for mode in ("fc", "conv"):
         layers = selected_layer_names(model, mode)

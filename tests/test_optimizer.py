@@ -90,7 +90,7 @@ def test_alpha_zero_step_is_a_base_step_on_gi_plus_eta_gj(mode):
     x = x.double()
     eta = 0.7
     opt = MLTPOptimizer(
-        torch.optim.Adam(model.parameters(), lr=1e-2),
+        torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=0.1),  # eq. (6): J + beta R(w)
         model,
         eta=eta,
         alpha_init=0.0,
@@ -98,7 +98,7 @@ def test_alpha_zero_step_is_a_base_step_on_gi_plus_eta_gj(mode):
         learn_alpha=False,
     )
     opt.step(*task_closures(loss_of(model), x, y))
-    ref_opt = torch.optim.Adam(reference.parameters(), lr=1e-2)
+    ref_opt = torch.optim.Adam(reference.parameters(), lr=1e-2, weight_decay=0.1)
     (F.cross_entropy(reference(x[:4]), y[:4]) + eta * F.cross_entropy(reference(x[4:]), y[4:])).backward()
     ref_opt.step()
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):

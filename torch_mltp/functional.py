@@ -60,7 +60,7 @@ def evaluate_loss(closure: Closure, task: str) -> Tensor:
             f"closure_{task} returned a loss that does not require grad: it must run the model's "
             "forward pass with autograd enabled and must not call .backward() or .detach()"
         )
-    return loss.reshape(())
+    return loss if loss.dim() == 0 else loss.reshape(())
 
 
 def lookahead(params: Sequence[Tensor], grads: Sequence[Tensor], alphas: Sequence[Tensor]) -> list[Tensor]:
@@ -132,21 +132,22 @@ def _mltp_gradients(
 ) -> MLTPGradients:
     loss_i = evaluate_loss(closure_i, "i")
     grads_i = torch.autograd.grad(loss_i, params, create_graph=not first_order, allow_unused=True)
-    g_shift = [_detached_or_zeros(grads_i[k], params[k]) for k in shifted]
-    step_alphas = [alphas[a].detach() for a in alpha_of]
-
     shifted_params = [params[k] for k in shifted]
+    step_alphas = [alphas[a] for a in alpha_of]
+    # From here on only values are combined (no_grad); g_i's graph serves the Hessian term alone.
+    with torch.no_grad():
+        g_shift = [_value_or_zeros(grads_i[k], params[k]) for k in shifted]
     with swapped_storage(shifted_params, lookahead(shifted_params, g_shift, step_alphas)):
         loss_j = evaluate_loss(closure_j, "j")
         grads_j = torch.autograd.grad(loss_j, params, allow_unused=True)
 
-    h_shift = [_detached_or_zeros(grads_j[k], params[k]) for k in shifted]
-    hessian_term: Sequence[Optional[Tensor]] = [None] * len(params)
-    if not first_order:
-        hessian_term = _hessian_vector_product(
-            [grads_i[k] for k in shifted], params, torch._foreach_mul(h_shift, step_alphas)
-        )
     with torch.no_grad():
+        h_shift = [_value_or_zeros(grads_j[k], params[k]) for k in shifted]
+        hessian_term: Sequence[Optional[Tensor]] = [None] * len(params)
+        if not first_order:
+            hessian_term = _hessian_vector_product(
+                [grads_i[k] for k in shifted], params, torch._foreach_mul(h_shift, step_alphas)
+            )
         alpha_result = _alpha_gradients(h_shift, g_shift, alphas, alpha_of, eta) if alpha_grads else None
         param_grads = _combine(grads_i, grads_j, hessian_term, eta)
         objective = loss_i + eta * loss_j
@@ -175,14 +176,14 @@ def _combine(
     Runs under ``no_grad`` after every other use of ``g_i``, so it accumulates into ``g_i`` in place
     (one fused ``_foreach`` call per term for the usual case where every term is present).
     """
-    combined = [g.detach() if g is not None else None for g in grads_i]
+    combined = [g.detach() if g is not None and g.requires_grad else g for g in grads_i]
     for terms, scale in ((grads_j, eta), (hessian_term, -eta)):
         both = [k for k, (g, t) in enumerate(zip(combined, terms)) if g is not None and t is not None]
         if both:
-            torch._foreach_add_([combined[k] for k in both], [terms[k].detach() for k in both], alpha=scale)
+            torch._foreach_add_([combined[k] for k in both], [terms[k] for k in both], alpha=scale)
         for k, term in enumerate(terms):
             if term is not None and combined[k] is None:
-                combined[k] = term.detach() * scale
+                combined[k] = term * scale
     return combined
 
 
@@ -207,8 +208,8 @@ def _alpha_gradients(
     return grads
 
 
-def _detached_or_zeros(grad: Optional[Tensor], param: Tensor) -> Tensor:
-    return torch.zeros_like(param) if grad is None else grad.detach()
+def _value_or_zeros(grad: Optional[Tensor], param: Tensor) -> Tensor:
+    return torch.zeros_like(param) if grad is None else grad
 
 
 def first_nonfinite(result: MLTPGradients) -> Optional[str]:
