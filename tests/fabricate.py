@@ -59,22 +59,52 @@ def write_cifar(
     if variant == "cifar10":
         for b in range(batches):
             part = slice(b * per_batch, (b + 1) * per_batch)
-            _dump(folder / f"data_batch_{b + 1}", {
-                "batch_label": f"training batch {b + 1} of 5", "labels": train_labels[part],
-                "data": _rows(train_images[part]), "filenames": [f"img_{i}.png" for i in range(per_batch)],
-            })
-        _dump(folder / "test_batch", {"batch_label": "testing batch 1 of 1", "labels": test_labels,
-                                      "data": _rows(test_images), "filenames": []})
-        _dump(folder / "batches.meta", {"num_cases_per_batch": per_batch, "num_vis": 3072,
-                                        "label_names": [f"class{i}" for i in range(10)]})
+            _dump(
+                folder / f"data_batch_{b + 1}",
+                {
+                    "batch_label": f"training batch {b + 1} of 5",
+                    "labels": train_labels[part],
+                    "data": _rows(train_images[part]),
+                    "filenames": [f"img_{i}.png" for i in range(per_batch)],
+                },
+            )
+        _dump(
+            folder / "test_batch",
+            {
+                "batch_label": "testing batch 1 of 1",
+                "labels": test_labels,
+                "data": _rows(test_images),
+                "filenames": [],
+            },
+        )
+        _dump(
+            folder / "batches.meta",
+            {
+                "num_cases_per_batch": per_batch,
+                "num_vis": 3072,
+                "label_names": [f"class{i}" for i in range(10)],
+            },
+        )
     else:
         splits = (("train", train_images, train_labels), ("test", test_images, test_labels))
         for name, images, labels in splits:
-            _dump(folder / name, {"batch_label": name, "fine_labels": labels,
-                                  "coarse_labels": [label // 5 for label in labels],
-                                  "data": _rows(images), "filenames": []})
-        _dump(folder / "meta", {"fine_label_names": [f"fine{i}" for i in range(100)],
-                                "coarse_label_names": [f"coarse{i}" for i in range(20)]})
+            _dump(
+                folder / name,
+                {
+                    "batch_label": name,
+                    "fine_labels": labels,
+                    "coarse_labels": [label // 5 for label in labels],
+                    "data": _rows(images),
+                    "filenames": [],
+                },
+            )
+        _dump(
+            folder / "meta",
+            {
+                "fine_label_names": [f"fine{i}" for i in range(100)],
+                "coarse_label_names": [f"coarse{i}" for i in range(20)],
+            },
+        )
     md5 = {path.name: md5_of(path) for path in folder.iterdir()}
     return FabricatedCifar(folder, train_images, train_labels, test_images, test_labels, md5)
 
@@ -98,8 +128,13 @@ class FabricatedTinyImagenet:
     grayscale: list[Path]
 
 
-def write_tiny_imagenet(root: Path, wnids=("n0300", "n0100", "n0200"), train_per_class: int = 3,
-                        val_per_class: int = 2, seed: int = 0) -> FabricatedTinyImagenet:
+def write_tiny_imagenet(
+    root: Path,
+    wnids=("n0300", "n0100", "n0200"),
+    train_per_class: int = 3,
+    val_per_class: int = 2,
+    seed: int = 0,
+) -> FabricatedTinyImagenet:
     """Random 64x64 JPEGs in the official layout; the first training image of the first class and the
     first validation image are grayscale ("L" mode) files, as some real Tiny ImageNet images are."""
     rng = np.random.default_rng(seed)

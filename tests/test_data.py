@@ -39,8 +39,11 @@ def windows_matching(output: torch.Tensor, padded: np.ndarray) -> list[tuple[int
     for flipped in (False, True):
         target = output.numpy()[:, :, ::-1] if flipped else output.numpy()
         corner_fits = np.abs(windows[..., 0, 0] - target[:, None, None, 0, 0]).max(axis=0) < 1e-5
-        matches += [(int(top), int(left), flipped) for top, left in zip(*np.nonzero(corner_fits))
-                    if np.abs(windows[:, top, left] - target).max() < 1e-5]
+        matches += [
+            (int(top), int(left), flipped)
+            for top, left in zip(*np.nonzero(corner_fits))
+            if np.abs(windows[:, top, left] - target).max() < 1e-5
+        ]
     return matches
 
 
@@ -120,8 +123,11 @@ def cifar(request, tmp_path, monkeypatch):
 def test_cifar_splits_labels_and_test_images(cifar):
     name, root, fake = cifar
     splits = load_dataset(name, root)
-    assert (splits.name, splits.num_classes, splits.input_shape) == (name, 10 if name == "cifar10" else 100,
-                                                                     (3, 32, 32))
+    assert (splits.name, splits.num_classes, splits.input_shape) == (
+        name,
+        10 if name == "cifar10" else 100,
+        (3, 32, 32),
+    )
     assert len(splits.train) == len(fake.train_labels) and len(splits.test) == len(fake.test_labels)
     assert [splits.train[i][1] for i in range(len(splits.train))] == fake.train_labels
     for i, image in enumerate(fake.test_images):
@@ -206,8 +212,9 @@ def test_tiny_imagenet_test_split_normalised_by_training_stats_with_shared_class
     for i, (path, wnid) in enumerate(fake.val):
         image, label = splits.test[i]
         assert label == class_index[wnid]
-        np.testing.assert_allclose(image.numpy(), ((decoded_rgb(path) - mean) / std).transpose(2, 0, 1),
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            image.numpy(), ((decoded_rgb(path) - mean) / std).transpose(2, 0, 1), atol=1e-5
+        )
     cached = json.loads((fake.folder / "mltp_channel_stats.json").read_text())
     np.testing.assert_allclose(cached["mean"], mean, rtol=1e-9)
     np.testing.assert_allclose(cached["std"], std, rtol=1e-9)
@@ -277,8 +284,9 @@ def test_tiny_imagenet_splits_pickle(tiny):
 def test_tiny_imagenet_missing(tmp_path, download):
     with pytest.raises(DatasetError) as error:
         load_dataset("tiny-imagenet", tmp_path, download=download)
-    assert_one_line_naming(error, str(tmp_path / "tiny-imagenet-200" / "wnids.txt"), TINY_URL,
-                           "val/val_annotations.txt")
+    assert_one_line_naming(
+        error, str(tmp_path / "tiny-imagenet-200" / "wnids.txt"), TINY_URL, "val/val_annotations.txt"
+    )
     if download:
         assert "not supported" in str(error.value)
 
@@ -365,8 +373,12 @@ def test_mnist1d_second_load_reads_the_cache(mnist1d, monkeypatch):
 
 def test_mnist1d_damaged_cache_is_regenerated(tmp_path, monkeypatch):
     def tiny_dataset(value):
-        return lambda args: {"x": np.full((3, 40), value), "y": np.arange(3), "x_test": np.zeros((2, 40)),
-                             "y_test": np.arange(2)}
+        return lambda args: {
+            "x": np.full((3, 40), value),
+            "y": np.arange(3),
+            "x_test": np.zeros((2, 40)),
+            "y_test": np.arange(2),
+        }
 
     monkeypatch.setattr("mnist1d.data.make_dataset", tiny_dataset(1.0))
     load_dataset("mnist1d", tmp_path)

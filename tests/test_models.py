@@ -28,8 +28,14 @@ def vgg_parameters(depth: int, classes: int) -> int:
         1: conv(3, 256) + fc(256 * 16 * 16, 512) + fc(512, classes),
         2: conv(3, 128) + conv(128, 128) + fc(128 * 16 * 16, 256) + fc(256, classes),
         3: conv(3, 128) + conv(128, 128) + fc(128 * 16 * 16, 256) + fc(256, 256) + fc(256, classes),
-        4: conv(3, 128) + conv(128, 128) + conv(128, 256) + conv(256, 256) + conv(256, 512) + conv(512, 512)
-        + fc(512 * 4 * 4, 1024) + fc(1024, classes),
+        4: conv(3, 128)
+        + conv(128, 128)
+        + conv(128, 256)
+        + conv(256, 256)
+        + conv(256, 512)
+        + conv(512, 512)
+        + fc(512 * 4 * 4, 1024)
+        + fc(1024, classes),
     }[depth]
 
 
@@ -47,8 +53,20 @@ EXPECTED_PARAMETERS = {
 
 
 def test_model_names():
-    assert MODEL_NAMES == ("cnet1", "cnet2", "cnet3", "cnet4", "ccnet1", "ccnet2", "ccnet3", "ccnet4",
-                           "resnet18", "resnet34", "mnist1d_mlp", "mnist1d_cnn")
+    assert MODEL_NAMES == (
+        "cnet1",
+        "cnet2",
+        "cnet3",
+        "cnet4",
+        "ccnet1",
+        "ccnet2",
+        "ccnet3",
+        "ccnet4",
+        "resnet18",
+        "resnet34",
+        "mnist1d_mlp",
+        "mnist1d_cnn",
+    )
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -72,7 +90,9 @@ def test_vgg_layer_types_and_names():
     assert all(c.kernel_size == (3, 3) and c.padding == (1, 1) and c.stride == (1, 1) for c in convs)
     assert all(m.kernel_size == 2 and m.stride == 2 for m in model.features if isinstance(m, nn.MaxPool2d))
     assert [(m.in_features, m.out_features) for m in model.classifier if isinstance(m, nn.Linear)] == [
-        (512 * 4 * 4, 1024), (1024, 10)]
+        (512 * 4 * 4, 1024),
+        (1024, 10),
+    ]
 
 
 @pytest.mark.parametrize("name", ["cnet1", "cnet2", "cnet3", "cnet4", "ccnet3"])
@@ -139,7 +159,10 @@ def test_mnist1d_cnn_takes_flat_and_channel_signals():
     model = build_model("mnist1d_cnn")
     convs = [m for m in model.modules() if isinstance(m, nn.Conv1d)]
     assert [(c.out_channels, c.kernel_size[0], c.stride[0], c.padding[0]) for c in convs] == [
-        (25, 5, 2, 1), (25, 3, 2, 1), (25, 3, 2, 1)]
+        (25, 5, 2, 1),
+        (25, 3, 2, 1),
+        (25, 3, 2, 1),
+    ]
     x = torch.randn(4, 40)
     with torch.no_grad():
         torch.testing.assert_close(model(x), model(x.unsqueeze(1)))
@@ -155,14 +178,17 @@ def test_num_classes_and_input_shape_override():
     assert build_model("mnist1d_mlp", input_shape=(60,)).linear1.in_features == 60
 
 
-@pytest.mark.parametrize(("name", "kwargs"), [
-    ("cnet4", {"input_shape": (3, 36, 36)}),  # 36 is not divisible by 2**3
-    ("cnet1", {"input_shape": (32, 32)}),
-    ("resnet18", {"input_shape": (1, 64, 64)}),
-    ("mnist1d_cnn", {"input_shape": (2, 40)}),
-    ("cnet1", {"num_classes": 0}),
-    ("cnet1", {"num_classes": 2.5}),
-])
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("cnet4", {"input_shape": (3, 36, 36)}),  # 36 is not divisible by 2**3
+        ("cnet1", {"input_shape": (32, 32)}),
+        ("resnet18", {"input_shape": (1, 64, 64)}),
+        ("mnist1d_cnn", {"input_shape": (2, 40)}),
+        ("cnet1", {"num_classes": 0}),
+        ("cnet1", {"num_classes": 2.5}),
+    ],
+)
 def test_invalid_arguments(name, kwargs):
     with pytest.raises(ValueError, match=r"expect|must be"):
         build_model(name, **kwargs)

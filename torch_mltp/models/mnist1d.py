@@ -70,6 +70,7 @@ def build_mnist1d_cnn(num_classes: int, input_shape: tuple[int, ...] = MNIST1D_I
     (size 5) fits the padded signal."""
     length = input_shape[-1] if input_shape else 0
     if input_shape not in ((length,), (1, length)) or length < 3:
-        raise ValueError(f"mnist1d_cnn expects input_shape (length,) or (1, length) with length >= 3, "
-                         f"got {input_shape}")
+        raise ValueError(
+            f"mnist1d_cnn expects input_shape (length,) or (1, length) with length >= 3, got {input_shape}"
+        )
     return MNIST1DCNN(length, num_classes)

@@ -22,9 +22,15 @@ LAYER_SPECS: dict[int, tuple] = {
     2: (("conv", 128), ("conv", 128), "mp", ("fc", 256)),
     3: (("conv", 128), ("conv", 128), "mp", ("fc", 256), ("fc", 256)),
     4: (
-        ("conv", 128), ("conv", 128), "mp",
-        ("conv", 256), ("conv", 256), "mp",
-        ("conv", 512), ("conv", 512), "mp",
+        ("conv", 128),
+        ("conv", 128),
+        "mp",
+        ("conv", 256),
+        ("conv", 256),
+        "mp",
+        ("conv", 512),
+        ("conv", 512),
+        "mp",
         ("fc", 1024),
     ),
 }
