@@ -94,8 +94,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="show a progress bar (default: on)",
+        default=sys.stderr.isatty(),
+        help="show a progress bar (default: on when stderr is a terminal)",
     )
     group.add_argument(
         "--limit-train-batches",
