@@ -482,3 +482,20 @@ def test_freezing_a_selected_layer_and_adding_a_group_after_wrapping():
     opt.step(*task_closures(loss, x, y))
     assert model[0].weight.grad is None and opt.alphas["0"].grad.item() == 0.0
     assert extra.weight.grad is not None and model[8].weight.grad is not None
+
+
+@pytest.mark.parametrize("mode", ["full", "fo"])
+def test_every_selected_layer_frozen_leaves_plain_two_task_gradients(mode):
+    model = small_cnn().double().eval()
+    head = nn.Linear(4, 4).double()
+    opt = MLTPOptimizer(torch.optim.SGD([*model.parameters(), *head.parameters()], lr=0.0), model, mode=mode)
+    model.requires_grad_(False)  # every layer with an alpha is frozen: nothing is shifted
+    x, y = batches(1)[0]
+    x = x.double()
+    opt.step(*task_closures(lambda a, b: F.cross_entropy(head(model(a)), b), x, y))
+    reference = copy.deepcopy(head)
+    (
+        F.cross_entropy(reference(model(x[:4])), y[:4]) + F.cross_entropy(reference(model(x[4:])), y[4:])
+    ).backward()
+    for p, q in zip(head.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)

@@ -69,6 +69,8 @@ def lookahead(params: Sequence[Tensor], grads: Sequence[Tensor], alphas: Sequenc
     Each ``alphas[k]`` broadcasts against ``params[k]`` (a scalar per layer or tensor, or one
     value per element).
     """
+    if not params:
+        return []
     with torch.no_grad():
         return torch._foreach_addcmul(list(params), list(grads), list(alphas), value=-1)
 
@@ -144,7 +146,7 @@ def _mltp_gradients(
     with torch.no_grad():
         h_shift = [_value_or_zeros(grads_j[k], params[k]) for k in shifted]
         hessian_term: Sequence[Optional[Tensor]] = [None] * len(params)
-        if not first_order:
+        if not first_order and shifted:
             hessian_term = _hessian_vector_product(
                 [grads_i[k] for k in shifted], params, torch._foreach_mul(h_shift, step_alphas)
             )
