@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from mltp_reference import alphas_by_parameter, gradients, objective, trainable
 from torch import nn
 
-from torch_mltp import MLTPOptimizer, Mode
+from torch_mltp import MLTPOptimizer, Mode, task_closures
 
 ACTIVATIONS = {"tanh": nn.Tanh, "softplus": nn.Softplus, "relu": nn.ReLU}
 
@@ -265,3 +265,31 @@ def test_taylor_expansion_eq5_residual_is_second_order(seed, widths, eta, alpha)
     if abs(r_full) < 1e-13:  # no curvature along the step: nothing to measure in float64
         return
     assert 3.0 < r_full / r_half < 5.0
+
+
+@pytest.mark.parametrize("mode", ["fo", "full"])
+def test_several_sgd_steps_follow_the_reference_trajectory(mode):
+    """Weights and alphas after 4 SGD steps equal plain SGD on the reference dJ/dw, dJ/dalpha."""
+    model = make_mlp(21, [4, 6, 3])
+    reference = make_mlp(21, [4, 6, 3])
+    torch.manual_seed(5)
+    opt = MLTPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, alpha_init=(0.1, 0.05), mode=mode)
+    alphas = {n: a.detach().clone() for n, a in opt.alphas.items()}
+    for step in range(4):
+        task_i, task_j = make_tasks(100 + step, (4,), 3, 5)
+        batch = (torch.cat([task_i[0], task_j[0]]), torch.cat([task_i[1], task_j[1]]))
+        opt.zero_grad()
+        opt.step(*task_closures(lambda x, y: F.cross_entropy(model(x), y), *batch))
+        leaves = {n: a.clone().requires_grad_() for n, a in alphas.items()}
+        step_sizes = alphas_by_parameter(reference, leaves, "layer")
+        _, weight_grads, alpha_grads = gradients(
+            reference, F.cross_entropy, task_i, task_j, step_sizes, 1.0, first_order=mode == "fo"
+        )
+        with torch.no_grad():
+            for name, param in trainable(reference).items():
+                param -= 0.1 * weight_grads[name]
+            alphas = {n: a - 0.1 * alpha_grads[id(leaves[n])] for n, a in alphas.items()}
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=name)
+    for name, alpha in opt.alphas.items():
+        torch.testing.assert_close(alpha.detach(), alphas[name], rtol=1e-10, atol=1e-12)

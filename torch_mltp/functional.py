@@ -63,16 +63,26 @@ def evaluate_loss(closure: Closure, task: str) -> Tensor:
     return loss if loss.dim() == 0 else loss.reshape(())
 
 
-def lookahead(params: Sequence[Tensor], grads: Sequence[Tensor], alphas: Sequence[Tensor]) -> list[Tensor]:
+def lookahead(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    alphas: Sequence[Tensor],
+    out: Optional[Sequence[Tensor]] = None,
+) -> list[Tensor]:
     """The inner gradient step of eq. (3) / Algorithm 1 line 4: ``w' = w - alpha * g``.
 
     Each ``alphas[k]`` broadcasts against ``params[k]`` (a scalar per layer or tensor, or one
-    value per element).
+    value per element).  With ``out`` the result is written into those tensors (one pass, no
+    allocation) and they are returned.
     """
     if not params:
         return []
     with torch.no_grad():
-        return torch._foreach_addcmul(list(params), list(grads), list(alphas), value=-1)
+        if out is None:
+            return torch._foreach_addcmul(list(params), list(grads), list(alphas), value=-1)
+        for p, g, a, o in zip(params, grads, alphas, out):
+            torch.addcmul(p, g, a, value=-1, out=o)
+        return list(out)
 
 
 @contextmanager
@@ -102,6 +112,7 @@ def mltp_gradients(
     eta: float,
     first_order: bool,
     alpha_grads: bool = True,
+    lookahead_out: Optional[Sequence[Tensor]] = None,
 ) -> MLTPGradients:
     """Compute ``J`` (eq. 4) and its exact gradients with respect to ``w`` and ``alpha``.
 
@@ -114,10 +125,21 @@ def mltp_gradients(
         eta: weight of the task-j loss.
         first_order: take ``dw'/dw`` as the identity (MLTP_FO) instead of the exact Jacobian.
         alpha_grads: also return ``dJ/dalpha`` (skip it when alpha is a fixed hyperparameter).
+        lookahead_out: tensors shaped like ``params[shifted[n]]`` to hold ``w'`` (kept by the caller
+            across steps); by default ``w'`` is allocated for the step.
     """
     with torch.enable_grad():
         return _mltp_gradients(
-            closure_i, closure_j, list(params), shifted, alphas, alpha_of, eta, first_order, alpha_grads
+            closure_i,
+            closure_j,
+            list(params),
+            shifted,
+            alphas,
+            alpha_of,
+            eta,
+            first_order,
+            alpha_grads,
+            lookahead_out,
         )
 
 
@@ -131,6 +153,7 @@ def _mltp_gradients(
     eta: float,
     first_order: bool,
     alpha_grads: bool,
+    lookahead_out: Optional[Sequence[Tensor]],
 ) -> MLTPGradients:
     loss_i = evaluate_loss(closure_i, "i")
     grads_i = torch.autograd.grad(loss_i, params, create_graph=not first_order, allow_unused=True)
@@ -139,7 +162,7 @@ def _mltp_gradients(
     # From here on only values are combined (no_grad); g_i's graph serves the Hessian term alone.
     with torch.no_grad():
         g_shift = [_value_or_zeros(grads_i[k], params[k]) for k in shifted]
-    with swapped_storage(shifted_params, lookahead(shifted_params, g_shift, step_alphas)):
+    with swapped_storage(shifted_params, lookahead(shifted_params, g_shift, step_alphas, lookahead_out)):
         loss_j = evaluate_loss(closure_j, "j")
         grads_j = torch.autograd.grad(loss_j, params, allow_unused=True)
 

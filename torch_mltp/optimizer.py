@@ -99,6 +99,7 @@ class MLTPOptimizer(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self.skipped_steps = 0
         self.last_result: Optional[MLTPStepResult] = None
+        self._lookahead_storage: dict[int, Tensor] = {}
 
         held = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
         layers = select_layers(model, self.mode)
@@ -180,6 +181,7 @@ class MLTPOptimizer(torch.optim.Optimizer):
             self._eta,
             self.mode.first_order,
             alpha_grads=self.learn_alpha,
+            lookahead_out=self._lookahead_buffers([params[k] for k in shifted]),
         )
         bad = first_nonfinite(result)
         self.last_result = MLTPStepResult(result.objective, result.loss_i, result.loss_j, bad is not None)
@@ -216,6 +218,26 @@ class MLTPOptimizer(torch.optim.Optimizer):
                 shifted.append(index_of[id(param)])
                 alpha_of.append(alpha_index)
         return params, shifted, alpha_of
+
+    def _lookahead_buffers(self, shifted_params: list[Tensor]) -> Optional[list[Tensor]]:
+        """Storage for ``w'`` kept between first-order steps, so no step allocates (and, on the CPU,
+        page-faults) a parameter-sized block.  ``w'`` is alive at a first-order step's peak anyway;
+        a second-order step's peak comes after ``w'`` is freed, so it allocates ``w'`` per step."""
+        if not self.mode.first_order:
+            return None
+        kept, buffers = self._lookahead_storage, {}
+        for p in shifted_params:
+            buffer = kept.get(id(p))
+            if (
+                buffer is None
+                or buffer.shape != p.shape
+                or buffer.dtype != p.dtype
+                or buffer.device != p.device
+            ):
+                buffer = torch.empty_like(p, requires_grad=False)
+            buffers[id(p)] = buffer
+        self._lookahead_storage = buffers
+        return list(buffers.values())
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients of the weights and of the alphas."""
