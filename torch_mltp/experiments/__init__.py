@@ -3,3 +3,13 @@
 Needs the ``vision`` extra (torchvision, tqdm, matplotlib, mnist1d). The core package never
 imports this one.
 """
+
+import importlib.util
+
+_VISION_EXTRA = ("numpy", "torchvision", "tqdm", "matplotlib", "mnist1d", "PIL")
+_missing = [name for name in _VISION_EXTRA if importlib.util.find_spec(name) is None]
+if _missing:
+    raise ImportError(
+        f"the torch-mltp experiments need the 'vision' extra (missing: {', '.join(_missing)}); "
+        "install it with: pip install 'torch-mltp[vision]'"
+    )
