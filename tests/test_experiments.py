@@ -299,7 +299,7 @@ def test_mltp_train_metrics_count_every_sample_once(data_root, tmp_path):
     assert record["train_samples"] == 3 * 128  # task i (64) + task j (64) per step
     assert 0.0 <= record["train_acc"] <= 100.0
     # J = L_i + eta * L_j(w') with eta = 1 and two halves of 64: twice the per-sample mean the tally keeps
-    assert record["train_objective"] == pytest.approx(2 * record["train_loss"], rel=1e-9)
+    assert record["train_objective"] == pytest.approx(2 * record["train_loss"], rel=1e-6)  # float32 losses
     assert set(record["alphas"]) == {"conv1", "conv2", "conv3", "linear"}
 
 

@@ -345,7 +345,7 @@ def test_bad_layer_spec_and_foreign_optimizer():
     with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
         MLTPOptimizer(torch.optim.Adam(model.parameters()), lambda x: x)
     other = small_cnn()
-    with pytest.raises(ValueError, match="does not hold these trainable parameters"):
+    with pytest.raises(ValueError, match="holds none of the model's parameters"):
         MLTPOptimizer(torch.optim.Adam(other.parameters()), model)
     opt = MLTPOptimizer(torch.optim.Adam(model.parameters()), model)
     with pytest.raises(TypeError, match="already an MLTPOptimizer"):
@@ -390,7 +390,7 @@ def test_bad_closures_raise_and_change_nothing(closure_i, closure_j, error, matc
 def test_task_closures_validates_the_batch():
     with pytest.raises(ValueError, match="same size along dim 0"):
         task_closures(F.cross_entropy, torch.zeros(4, 2), torch.zeros(6))
-    with pytest.raises(ValueError, match="at least 2 samples"):
+    with pytest.raises(ValueError, match=r"cannot be split into two tasks.*drop_last=True"):
         task_closures(F.cross_entropy, torch.zeros(1, 2), torch.zeros(1))
     with pytest.raises(ValueError, match="at least one batched tensor"):
         task_closures(F.cross_entropy, 3)
@@ -480,7 +480,7 @@ def test_freezing_a_selected_layer_and_adding_a_group_after_wrapping():
     opt.add_param_group({"params": extra.parameters()})  # and train a new head beside it
     loss = lambda a, b: F.cross_entropy(extra(model(a)), b)
     opt.step(*task_closures(loss, x, y))
-    assert model[0].weight.grad is None and opt.alphas["0"].grad.item() == 0.0
+    assert model[0].weight.grad is None and opt.alphas["0"].grad is None  # a frozen layer's alpha rests
     assert extra.weight.grad is not None and model[8].weight.grad is not None
 
 

@@ -17,6 +17,15 @@ The Hessian term is one Hessian-vector product through the graph of ``g_i``, so 
 differentiated once (with ``create_graph``) and then once more; nothing is recomputed.
 The lookahead runs the closure for task j with the parameters' storage swapped for ``w'`` and
 restores the original storage in every path, so the weights are bit-for-bit unchanged afterwards.
+
+Two optional inputs serve mixed precision and data parallelism without changing the math:
+
+* ``loss_scale`` (a tensor ``s``, as ``torch.amp.GradScaler`` uses): both losses are multiplied by
+  ``s`` before they are differentiated; the lookahead moves by the unscaled ``g_i`` and every
+  returned gradient is ``s`` times its true value, ready for ``GradScaler.unscale_``.
+* ``average`` (a function that averages gradients over processes): the tasks are then the unions
+  of every process's task i and task j, and ``g_i``, ``h_j`` and the Hessian term are averaged
+  before they are used, so every process computes the gradients of the union.
 """
 
 from __future__ import annotations
@@ -29,20 +38,26 @@ import torch
 from torch import Tensor
 
 Closure = Callable[[], Tensor]
+Average = Callable[[Sequence[Optional[Tensor]], Sequence[Tensor]], list[Optional[Tensor]]]
+"""``average(tensors, like)``: the mean over processes of each ``tensors[k]`` (``None`` reads as
+zeros shaped like ``like[k]``; it stays ``None`` when it is ``None`` in every process)."""
 
 
 class MLTPGradients(NamedTuple):
     """Everything one MLTP step computes; every tensor is detached.
 
     ``param_grads[k]`` is ``dJ/dw_k`` (``None`` when ``w_k`` is used by neither loss) and
-    ``alpha_grads[a]`` is ``dJ/dalpha_a`` (``None`` when the alphas' gradients were not asked for).
+    ``alpha_grads[a]`` is ``dJ/dalpha_a`` (``None`` when no tensor scaled by ``alpha_a`` was
+    shifted; the whole list is ``None`` when the alphas' gradients were not asked for).
+    With a ``loss_scale`` the gradients are scaled by it; ``objective``, ``loss_i`` and ``loss_j``
+    never are.
     """
 
     objective: Tensor
     loss_i: Tensor
     loss_j: Tensor
     param_grads: list[Optional[Tensor]]
-    alpha_grads: Optional[list[Tensor]]
+    alpha_grads: Optional[list[Optional[Tensor]]]
 
 
 def evaluate_loss(closure: Closure, task: str) -> Tensor:
@@ -58,7 +73,7 @@ def evaluate_loss(closure: Closure, task: str) -> Tensor:
     if not loss.requires_grad:
         raise ValueError(
             f"closure_{task} returned a loss that does not require grad: it must run the model's "
-            "forward pass with autograd enabled and must not call .backward() or .detach()"
+            "forward pass with autograd enabled and must not call .detach()"
         )
     return loss if loss.dim() == 0 else loss.reshape(())
 
@@ -72,17 +87,18 @@ def lookahead(
     """The inner gradient step of eq. (3) / Algorithm 1 line 4: ``w' = w - alpha * g``.
 
     Each ``alphas[k]`` broadcasts against ``params[k]`` (a scalar per layer or tensor, or one
-    value per element).  With ``out`` the result is written into those tensors (one pass, no
-    allocation) and they are returned.
+    value per element).  With ``out`` the result is written into those tensors and they are
+    returned.
     """
     if not params:
         return []
     with torch.no_grad():
         if out is None:
             return torch._foreach_addcmul(list(params), list(grads), list(alphas), value=-1)
-        for p, g, a, o in zip(params, grads, alphas, out):
-            torch.addcmul(p, g, a, value=-1, out=o)
-        return list(out)
+        out = list(out)
+        torch._foreach_copy_(out, list(params))
+        torch._foreach_addcmul_(out, list(grads), list(alphas), value=-1)
+        return out
 
 
 @contextmanager
@@ -112,7 +128,9 @@ def mltp_gradients(
     eta: float,
     first_order: bool,
     alpha_grads: bool = True,
-    lookahead_out: Optional[Sequence[Tensor]] = None,
+    *,
+    loss_scale: Optional[Tensor] = None,
+    average: Optional[Average] = None,
 ) -> MLTPGradients:
     """Compute ``J`` (eq. 4) and its exact gradients with respect to ``w`` and ``alpha``.
 
@@ -125,22 +143,26 @@ def mltp_gradients(
         eta: weight of the task-j loss.
         first_order: take ``dw'/dw`` as the identity (MLTP_FO) instead of the exact Jacobian.
         alpha_grads: also return ``dJ/dalpha`` (skip it when alpha is a fixed hyperparameter).
-        lookahead_out: tensors shaped like ``params[shifted[n]]`` to hold ``w'`` (kept by the caller
-            across steps); by default ``w'`` is allocated for the step.
+        loss_scale: differentiate ``s * L`` instead of ``L`` (mixed precision); the returned
+            gradients are scaled, the lookahead is not.  When a scaled ``g_i`` is not finite the
+            lookahead is skipped (``w' = w``) so that task j's forward pass sees sane weights;
+            the non-finite gradients are still returned for the scaler to see.
+        average: averages gradients over processes whose tasks together form task i and task j.
     """
-    with torch.enable_grad():
-        return _mltp_gradients(
-            closure_i,
-            closure_j,
-            list(params),
-            shifted,
-            alphas,
-            alpha_of,
-            eta,
-            first_order,
-            alpha_grads,
-            lookahead_out,
-        )
+    return _mltp_gradients(
+        closure_i,
+        closure_j,
+        list(params),
+        shifted,
+        alphas,
+        alpha_of,
+        eta,
+        first_order,
+        alpha_grads,
+        loss_scale,
+        average,
+        None,
+    )
 
 
 def _mltp_gradients(
@@ -153,30 +175,134 @@ def _mltp_gradients(
     eta: float,
     first_order: bool,
     alpha_grads: bool,
+    loss_scale: Optional[Tensor],
+    average: Optional[Average],
     lookahead_out: Optional[Sequence[Tensor]],
 ) -> MLTPGradients:
-    loss_i = evaluate_loss(closure_i, "i")
-    grads_i = torch.autograd.grad(loss_i, params, create_graph=not first_order, allow_unused=True)
+    """:func:`mltp_gradients`, with ``lookahead_out``: storage for ``w'`` that the caller keeps."""
+    with torch.enable_grad():
+        loss_i = evaluate_loss(closure_i, "i")
+        grads_i = _differentiate(loss_i, params, loss_scale, "i", create_graph=not first_order)
     shifted_params = [params[k] for k in shifted]
     step_alphas = [alphas[a] for a in alpha_of]
     # From here on only values are combined (no_grad); g_i's graph serves the Hessian term alone.
     with torch.no_grad():
-        g_shift = [_value_or_zeros(grads_i[k], params[k]) for k in shifted]
-    with swapped_storage(shifted_params, lookahead(shifted_params, g_shift, step_alphas, lookahead_out)):
+        values_i = _owned([None if g is None else g.detach() for g in grads_i], params)
+        if average is not None:
+            loss_i, *values_i = average([loss_i.detach(), *values_i], [loss_i, *params])
+        g_shift = [_value_or_zeros(values_i[k], params[k]) for k in shifted]
+        direction, inner_alphas = g_shift, step_alphas
+        if loss_scale is not None:
+            direction = _zero_unless_finite(g_shift)
+            inner_alphas = _scaled_alphas(alphas, alpha_of, loss_scale.reciprocal())
+        w_shifted = lookahead(shifted_params, direction, inner_alphas, lookahead_out)
+    with torch.enable_grad(), swapped_storage(shifted_params, w_shifted):
         loss_j = evaluate_loss(closure_j, "j")
-        grads_j = torch.autograd.grad(loss_j, params, allow_unused=True)
+        grads_j = _differentiate(loss_j, params, loss_scale, "j", create_graph=False)
+    del w_shifted, direction
 
     with torch.no_grad():
+        if average is not None:
+            loss_j, *grads_j = average([loss_j.detach(), *grads_j], [loss_j, *params])
         h_shift = [_value_or_zeros(grads_j[k], params[k]) for k in shifted]
         hessian_term: Sequence[Optional[Tensor]] = [None] * len(params)
         if not first_order and shifted:
-            hessian_term = _hessian_vector_product(
-                [grads_i[k] for k in shifted], params, torch._foreach_mul(h_shift, step_alphas)
-            )
-        alpha_result = _alpha_gradients(h_shift, g_shift, alphas, alpha_of, eta) if alpha_grads else None
-        param_grads = _combine(grads_i, grads_j, hessian_term, eta)
-        objective = loss_i + eta * loss_j
+            vectors = torch._foreach_mul(h_shift, step_alphas)
+            if loss_scale is not None:
+                torch._foreach_div_(vectors, loss_scale)
+            hessian_term = _hessian_vector_product([grads_i[k] for k in shifted], params, vectors)
+            if average is not None:
+                hessian_term = average(hessian_term, params)
+        del grads_i
+        alpha_result = None
+        if alpha_grads:
+            scale = -eta if loss_scale is None else -eta / loss_scale
+            alpha_result = _alpha_gradients(h_shift, g_shift, alphas, alpha_of, scale)
+        param_grads = _combine(values_i, grads_j, hessian_term, eta)
+        objective = loss_i.detach() + eta * loss_j.detach()
     return MLTPGradients(objective, loss_i.detach(), loss_j.detach(), param_grads, alpha_result)
+
+
+def _differentiate(
+    loss: Tensor, params: list[Tensor], loss_scale: Optional[Tensor], task: str, create_graph: bool
+) -> tuple[Optional[Tensor], ...]:
+    """``d(s * L)/dw`` with messages that name the cause of autograd's usual failures here."""
+    scaled = loss if loss_scale is None else loss * loss_scale
+    try:
+        return torch.autograd.grad(scaled, params, create_graph=create_graph, allow_unused=True)
+    except RuntimeError as err:
+        if "backward through the graph a second time" in str(err):
+            raise RuntimeError(
+                f"closure_{task} must return its loss without calling .backward() on it: MLTP "
+                "differentiates the loss itself"
+            ) from err
+        if create_graph and _is_double_backward_failure(err):
+            raise RuntimeError(not_twice_differentiable_message(err)) from err
+        raise
+
+
+_DOUBLE_BACKWARD_FAILURES = ("derivative for", "double backward", "donated buffer", "not implemented")
+
+
+def _is_double_backward_failure(err: RuntimeError) -> bool:
+    text = str(err).lower()
+    return any(marker in text for marker in _DOUBLE_BACKWARD_FAILURES)
+
+
+def not_twice_differentiable_message(err: Exception) -> str:
+    """Why a second-order step failed inside autograd, and the ways out."""
+    text = str(err)
+    if "compile" in text or "aot_autograd" in text or "donated buffer" in text:
+        remedy = "a torch.compile'd model cannot be differentiated twice: use mode='fo' with it"
+    elif "scaled_dot_product" in text or "attention" in text:
+        remedy = (
+            "use mode='fo', or run scaled_dot_product_attention (nn.MultiheadAttention, "
+            "nn.TransformerEncoderLayer, ...) on its math backend, which is twice differentiable: "
+            "with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH): ..."
+        )
+    else:
+        remedy = "use mode='fo' (first order), which differentiates once"
+    return (
+        f"second-order MLTP differentiates the model twice, and autograd cannot: "
+        f"{text.splitlines()[0]}. {remedy[0].upper()}{remedy[1:]}"
+    )
+
+
+def _owned(grads: list[Optional[Tensor]], params: Sequence[Tensor]) -> list[Optional[Tensor]]:
+    """Gradients that may be written in place: dense, and sharing storage with no other gradient.
+
+    Autograd may return an expanded, stride-0 tensor (``loss + 0 * p.sum()``) or one tensor for
+    several parameters (``F.linear(x, w + delta)``); those are copied, laid out like their
+    parameter, as ``Tensor.backward`` would accumulate them.
+    """
+    seen: set[int] = set()
+    owned = list(grads)
+    for k, g in enumerate(grads):
+        if g is None:
+            continue
+        if g.layout != torch.strided:
+            raise ValueError(
+                f"parameter {k} received a {g.layout} gradient; MLTP combines dense gradients "
+                "(build embeddings with sparse=False)"
+            )
+        storage = g.untyped_storage().data_ptr()
+        if storage in seen or not (g.is_contiguous() or g.is_contiguous(memory_format=torch.channels_last)):
+            owned[k] = torch.empty_like(params[k], memory_format=torch.preserve_format).copy_(g)
+        seen.add(storage)
+    return owned
+
+
+def _zero_unless_finite(grads: list[Tensor]) -> list[Tensor]:
+    """``grads`` when every entry is finite, else zeros (decided on the device, no host sync)."""
+    if not grads:
+        return grads
+    finite = torch.stack(torch._foreach_norm(grads)).isfinite().all()
+    return [torch.where(finite, g, torch.zeros((), dtype=g.dtype, device=g.device)) for g in grads]
+
+
+def _scaled_alphas(alphas: Sequence[Tensor], alpha_of: Sequence[int], factor: Tensor) -> list[Tensor]:
+    scaled = {a: alphas[a] * factor.to(alphas[a].dtype) for a in set(alpha_of)}
+    return [scaled[a] for a in alpha_of]
 
 
 def _hessian_vector_product(
@@ -187,21 +313,26 @@ def _hessian_vector_product(
     if not pairs:  # L_i is linear in the shifted parameters: the Hessian block is zero
         return [None] * len(params)
     outputs, grad_outputs = zip(*pairs)
-    return torch.autograd.grad(outputs, params, grad_outputs=grad_outputs, allow_unused=True)
+    try:
+        return torch.autograd.grad(outputs, params, grad_outputs=grad_outputs, allow_unused=True)
+    except RuntimeError as err:
+        if _is_double_backward_failure(err):
+            raise RuntimeError(not_twice_differentiable_message(err)) from err
+        raise
 
 
 def _combine(
-    grads_i: Sequence[Optional[Tensor]],
+    grads_i: list[Optional[Tensor]],
     grads_j: Sequence[Optional[Tensor]],
     hessian_term: Sequence[Optional[Tensor]],
     eta: float,
 ) -> list[Optional[Tensor]]:
     """``dJ/dw = g_i + eta * h_j - eta * hvp`` per tensor, absent terms read as zero.
 
-    Runs under ``no_grad`` after every other use of ``g_i``, so it accumulates into ``g_i`` in place
-    (one fused ``_foreach`` call per term for the usual case where every term is present).
+    Accumulates into ``grads_i`` (owned tensors, see :func:`_owned`) in place, one fused
+    ``_foreach`` call per term for the usual case where every term is present.
     """
-    combined = [g.detach() if g is not None and g.requires_grad else g for g in grads_i]
+    combined = list(grads_i)
     for terms, scale in ((grads_j, eta), (hessian_term, -eta)):
         both = [k for k, (g, t) in enumerate(zip(combined, terms)) if g is not None and t is not None]
         if both:
@@ -217,20 +348,19 @@ def _alpha_gradients(
     g_shift: Sequence[Tensor],
     alphas: Sequence[Tensor],
     alpha_of: Sequence[int],
-    eta: float,
-) -> list[Tensor]:
+    scale: float | Tensor,
+) -> list[Optional[Tensor]]:
     """``dJ/dalpha = -eta * <h_j, g_i>`` over the entries each alpha scales (eq. 4 differentiated).
 
-    A scalar alpha gets the inner product summed over its tensors; an element-wise alpha the
-    element-wise product.
+    ``scale`` is ``-eta`` (divided by the loss scale when the gradients are scaled).  A scalar
+    alpha gets the inner product summed over its tensors; an element-wise alpha the element-wise
+    product.  An alpha that scales no tensor of this step gets ``None``.
     """
     sums: list[Optional[Tensor]] = [None] * len(alphas)
     for h, g, a in zip(h_shift, g_shift, alpha_of):
         product = torch.vdot(h.reshape(-1), g.reshape(-1)) if alphas[a].dim() == 0 else h * g
         sums[a] = product if sums[a] is None else sums[a] + product
-    grads = [torch.zeros_like(alpha) if s is None else s.to(alpha.dtype) for s, alpha in zip(sums, alphas)]
-    torch._foreach_mul_(grads, -eta)
-    return grads
+    return [None if s is None else (s * scale).to(alpha.dtype) for s, alpha in zip(sums, alphas)]
 
 
 def _value_or_zeros(grad: Optional[Tensor], param: Tensor) -> Tensor:
@@ -254,6 +384,6 @@ def first_nonfinite(result: MLTPGradients) -> Optional[str]:
         if g is not None and not torch.isfinite(g).all():
             return f"dJ/dw[{k}]"
     for a, g in enumerate(result.alpha_grads or ()):
-        if not torch.isfinite(g).all():
+        if g is not None and not torch.isfinite(g).all():
             return f"dJ/dalpha[{a}]"
     return None  # the norms overflowed, but every entry is finite

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 FC_TYPES = (nn.Linear,)
@@ -61,36 +62,66 @@ class Mode:
         return f"Mode(layers={_spec_repr(self.layers)}, first_order={self.first_order})"
 
 
-def model_layers(model: nn.Module) -> list[Layer]:
-    """Every module of ``model`` that directly owns trainable parameters, in registration order.
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module inside ``DistributedDataParallel``, ``DataParallel`` and ``torch.compile``."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
 
-    A parameter shared by several modules (tied weights) belongs to the first module that owns it.
-    Frozen parameters (``requires_grad=False``) are not part of any layer.
+
+def model_layers(model: nn.Module, include: Optional[Callable[[torch.Tensor], bool]] = None) -> list[Layer]:
+    """Every module of ``model`` that directly owns parameters, in registration order.
+
+    ``include(param)`` decides which parameters count (default: those that require grad).
+    A parameter shared by several modules (tied weights) belongs to the first module that owns
+    it.  A parametrized module (``torch.nn.utils.parametrize``: ``weight_norm``, ``spectral_norm``,
+    ``orthogonal``, ...) owns the tensors its parametrizations are computed from, so it is one
+    layer.  Wrappers (DDP, ``torch.compile``) are looked through and their ``_orig_mod.`` name
+    segments dropped, so names match the plain model's.
     """
+    include = include or (lambda param: param.requires_grad)
     seen: set[int] = set()
+    inside_parametrizations: set[int] = set()
     layers = []
-    for module_name, module in model.named_modules():
+    for module_name, module in unwrap_model(model).named_modules():
+        if id(module) in inside_parametrizations:
+            continue
+        owned = list(module.named_parameters(recurse=False))
+        if parametrize.is_parametrized(module):
+            inside_parametrizations.update(id(m) for m in module.parametrizations.modules())
+            owned += [(f"parametrizations.{n}", p) for n, p in module.parametrizations.named_parameters()]
         names, params = [], []
-        for param_name, param in module.named_parameters(recurse=False):
-            if param.requires_grad and id(param) not in seen:
+        for param_name, param in owned:
+            if include(param) and id(param) not in seen:
                 seen.add(id(param))
-                names.append(f"{module_name}.{param_name}" if module_name else param_name)
+                names.append(_plain_name(f"{module_name}.{param_name}" if module_name else param_name))
                 params.append(param)
         if params:
-            layers.append(Layer(module_name, module, tuple(names), tuple(params)))
+            layers.append(Layer(_plain_name(module_name), module, tuple(names), tuple(params)))
     return layers
 
 
-def select_layers(model: nn.Module, mode: str | Mode) -> list[Layer]:
+def _plain_name(name: str) -> str:
+    """A qualified name without ``torch.compile``'s ``_orig_mod`` segments."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
+def select_layers(
+    model: nn.Module, mode: str | Mode, include: Optional[Callable[[torch.Tensor], bool]] = None
+) -> list[Layer]:
     """The layers of ``model`` that ``mode`` shifts; raises ``ValueError`` when none matches."""
     mode = resolve_mode(mode)
     matches = _layer_matcher(mode.layers)
-    layers = model_layers(model)
+    layers = model_layers(model, include)
     selected = [layer for layer in layers if matches(layer.name, layer.module)]
     if not selected:
         available = ", ".join(f"{layer.name or '<root>'} ({type(layer.module).__name__})" for layer in layers)
         raise ValueError(
-            f"mode {mode.describe()} selects no layer of {type(model).__name__}; "
+            f"mode {mode.describe()} selects no layer of {type(unwrap_model(model)).__name__}; "
             f"layers with trainable parameters: {available or 'none'}"
         )
     return selected

@@ -1,0 +1,158 @@
+"""DistributedDataParallel on 2 gloo processes (float64): each rank's step equals the single-process
+computation of the same math, and after several steps both ranks hold identical weights and alphas.
+
+The processes are started once per test session (tests/ddp_worker.py) with a timeout; each test
+reads its scenario from what they saved.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from ddp_worker import MODES, SHARD, global_batch, make_model
+from mltp_reference import alphas_by_parameter, gradients
+
+from torch_mltp import MLTPOptimizer
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """Run the two processes; returns what rank 0 and rank 1 saved."""
+    out = tmp_path_factory.mktemp("ddp")
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": "2",
+        "OMP_NUM_THREADS": "1",
+        "GLOO_SOCKET_IFNAME": "lo",
+        "PYTHONPATH": os.pathsep.join([str(WORKER.parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(out)],
+            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    outputs = []
+    try:
+        for process in processes:
+            outputs.append(process.communicate(timeout=TIMEOUT_S)[0])
+    finally:
+        for process in processes:
+            process.kill()
+    saved = [out / f"rank{rank}.pt" for rank in range(2)]
+    if not all(path.exists() for path in saved):
+        pytest.fail("the DDP processes failed:\n" + "\n".join(outputs))
+    return [torch.load(path, weights_only=False) for path in saved]
+
+
+def expected_step(tasks, mode, alphas):
+    """The single-process computation: the mean of the per-rank objectives (local) or one
+    objective on the union of the ranks' tasks (global)."""
+    model = make_model()
+    opt = MLTPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, mode=mode)
+    leaves = {n: a.clone().requires_grad_() for n, a in alphas.items()}
+    step_sizes = alphas_by_parameter(model, leaves, "layer")
+    x, y = global_batch(0)
+    half = SHARD // 2
+    if tasks == "global":
+        firsts = torch.cat([torch.arange(r * SHARD, r * SHARD + half) for r in range(2)])
+        seconds = firsts + half
+        pieces = [((x[firsts], y[firsts]), (x[seconds], y[seconds]), 1.0)]
+    else:
+        pieces = [
+            (
+                (x[r * SHARD : r * SHARD + half], y[r * SHARD : r * SHARD + half]),
+                (x[r * SHARD + half : (r + 1) * SHARD], y[r * SHARD + half : (r + 1) * SHARD]),
+                0.5,
+            )
+            for r in range(2)
+        ]
+    J, weight_grads, alpha_grads = 0.0, {}, {}
+    for task_i, task_j, share in pieces:
+        J_piece, w_grads, a_grads = gradients(
+            model, F.cross_entropy, task_i, task_j, step_sizes, 1.0, opt.first_order
+        )
+        J = J + share * J_piece
+        for name, grad in w_grads.items():
+            if grad is not None:
+                weight_grads[name] = weight_grads.get(name, 0) + share * grad
+        for name, leaf in leaves.items():
+            grad = a_grads[id(leaf)]
+            alpha_grads[name] = alpha_grads.get(name, 0) + share * (torch.zeros(()) if grad is None else grad)
+    return J, weight_grads, alpha_grads
+
+
+@pytest.mark.parametrize("tasks", ["local", "global"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_one_step_equals_the_single_process_computation(ranks, tasks, mode):
+    steps = [saved[f"{tasks}/{mode}/step"] for saved in ranks]
+    for name in steps[0]["alphas"]:  # rank 0's draw was broadcast
+        assert torch.equal(steps[0]["alphas"][name], steps[1]["alphas"][name])
+    J, weight_grads, alpha_grads = expected_step(tasks, MODES[mode], steps[0]["alphas"])
+    for step in steps:
+        torch.testing.assert_close(step["J"], J, rtol=1e-12, atol=1e-14)
+        for name, grad in step["grads"].items():
+            if name.startswith("unused."):  # used by no process: no gradient, as with plain DDP
+                assert grad is None, name
+            else:
+                torch.testing.assert_close(grad, weight_grads[name], rtol=1e-10, atol=1e-12, msg=name)
+        for name, grad in step["alpha_grads"].items():
+            torch.testing.assert_close(
+                grad, alpha_grads[name].to(grad.dtype), rtol=1e-10, atol=1e-12, msg=name
+            )
+
+
+@pytest.mark.parametrize("tasks", ["local", "global"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_several_steps_leave_identical_weights_and_alphas_on_both_ranks(ranks, tasks, mode):
+    first, second = (saved[f"{tasks}/{mode}/trained"] for saved in ranks)
+    initial = dict(make_model().named_parameters())
+    assert any(not torch.equal(first[n], initial[n]) for n in initial if not n.startswith("unused."))
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def test_ddp_reducer_still_averages_a_plain_backward_after_mltp_steps(ranks):
+    first, second = (saved["plain_ddp"] for saved in ranks)
+    for name, grad in first["grads"].items():
+        assert torch.equal(first["weights"][name], second["weights"][name])
+        if grad is None:
+            assert second["grads"][name] is None
+            continue
+        torch.testing.assert_close(grad, second["grads"][name], rtol=0, atol=1e-15)
+
+
+def test_resume_from_a_rank0_checkpoint_is_bit_identical(ranks):
+    for saved in ranks:
+        resumed, uninterrupted = saved["resume"]["resumed"], saved["resume"]["uninterrupted"]
+        assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
+
+def test_a_raising_closure_restores_its_rank_and_the_other_rank_fails_instead_of_hanging(ranks):
+    waiting, raising = (saved["failure"] for saved in ranks)
+    assert raising["error"].startswith("KeyError") and raising["unchanged"] and raising["grads_none"]
+    assert waiting["error"] is not None and waiting["unchanged"] and waiting["grads_none"]
+    assert "timed out" in waiting["error"].lower() or "timeout" in waiting["error"].lower()
+    assert waiting["seconds"] < 30  # the group's 5 s timeout, not a hang
