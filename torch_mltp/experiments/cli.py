@@ -7,20 +7,22 @@ three seeds, on the CPU in a few minutes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
 from torch_mltp.data import DATASET_NAMES, DatasetError
 from torch_mltp.models import MODEL_NAMES
 
+from . import distributed
 from .compare import compare, run_dir_name, write_outputs
 from .recipes import DEFAULT_MODELS, DEFAULT_SEEDS, PROCEDURES, TABLES, recipe_for
 from .reproduce import reproduce, table_rows
-from .training import Experiment, ExperimentError, RunOptions, train_run
+from .training import TASK_SCOPES, Experiment, ExperimentError, RunOptions, train_run
 
 DEFAULT_DATASET = "mnist1d"
 DATA_ROOT_ENV = "TORCH_MLTP_DATA"
@@ -91,6 +93,21 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "settings are reused, interrupted ones resumed, ones with other settings refused)",
     )
     group.add_argument("--tensorboard", action="store_true", help="also log to <run>/tensorboard")
+    group.add_argument(
+        "--tasks",
+        choices=TASK_SCOPES,
+        default="local",
+        help="under torchrun: MLTP's two tasks are each process's halves of its batch (local, default) or "
+        "the unions of all processes' halves (global); see docs/distributed.md",
+    )
+    group.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=distributed.DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help="under torchrun: how long a process waits in a collective for the others before it fails "
+        f"(default {distributed.DEFAULT_TIMEOUT_S:.0f})",
+    )
     group.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
@@ -208,6 +225,7 @@ def _run_options(args: argparse.Namespace, log_epochs: bool) -> RunOptions:
         log_epochs=log_epochs,
         overwrite=args.overwrite,
         require_checkpoint=getattr(args, "resume", False),
+        tasks=args.tasks,
     )
 
 
@@ -255,6 +273,24 @@ def _run(args: argparse.Namespace) -> None:
             print(f"written: {root}/table.md, {root}/results.json and one folder per model with figures")
 
 
+@contextlib.contextmanager
+def _processes(args: argparse.Namespace) -> Iterator[None]:
+    """Under torchrun: join the process group for the command; only the main process prints."""
+    if not distributed.launched_by_torchrun():
+        yield
+        return
+    if args.command == "reproduce":
+        raise ExperimentError("reproduce runs one process; start train or compare with torchrun")
+    processes = distributed.start(args.device, args.dist_timeout)
+    try:
+        with open(os.devnull, "w") as quiet, contextlib.ExitStack() as stack:
+            if not processes.is_main:
+                stack.enter_context(contextlib.redirect_stdout(quiet))
+            yield
+    finally:
+        distributed.stop()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``torch-mltp``; returns the exit status (2: a problem the user can fix)."""
     args = build_parser().parse_args(argv)
@@ -263,7 +299,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        _run(args)
+        with _processes(args):
+            _run(args)
     except (DatasetError, ExperimentError) as err:
         print(f"torch-mltp: error: {err}", file=sys.stderr)
         return 2

@@ -3,29 +3,21 @@
 The procedure only decides how the optimizer is built (:func:`build_optimizer`) and how a step is
 taken (:func:`training_step`). The data order of epoch ``e`` is drawn from a generator seeded by
 ``(seed, e)``, and each epoch's checkpoint holds the model, the optimizer (with the alphas), the
-scheduler and the torch / CUDA / Python / NumPy RNG states, so a run resumed from any epoch ends
-with the same weights as an uninterrupted one (bit-identical on CPU).
+scheduler and the torch / CUDA / Python / NumPy RNG states (of every process), so a run resumed
+from any epoch ends with the same weights as an uninterrupted one (bit-identical on CPU).
 
-Run folder layout::
-
-    config.json     the full configuration, package and torch versions
-    metrics.jsonl   one JSON object per epoch (accuracies in percent)
-    checkpoint.pt   the state after the last finished epoch
-    final.pt        the final model state_dict
-    result.json     the final epoch's metrics and the configuration
-    tensorboard/    with --tensorboard
+Under ``torchrun`` the model is wrapped in ``DistributedDataParallel``, each process trains on its
+shard of every epoch (``DistributedSampler``) with the recipe's batch size, the metrics are summed
+over processes, and only the main process writes the run folder (:mod:`.runs`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
-import os
 import platform
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -36,26 +28,32 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 import torch_mltp
 from torch_mltp import MLTPOptimizer, task_closures
 from torch_mltp.data import DataSplits, load_dataset
 from torch_mltp.models import build_model
 
+from . import distributed
+from .distributed import SINGLE_PROCESS, Processes
 from .recipes import MLTP_MODES, Recipe
+from .runs import TENSORBOARD_DIR, ExperimentError, RunFolder, json_normal
 
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
-CHECKPOINT_FILE = "checkpoint.pt"
-FINAL_FILE = "final.pt"
-RESULT_FILE = "result.json"
-TENSORBOARD_DIR = "tensorboard"
-RUN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, FINAL_FILE, RESULT_FILE)
+__all__ = [
+    "Experiment",
+    "ExperimentError",
+    "RunOptions",
+    "RunResult",
+    "build_model_for",
+    "build_optimizer",
+    "check_procedures",
+    "evaluate",
+    "train_run",
+    "training_step",
+]
 
-
-class ExperimentError(Exception):
-    """A problem the user can fix (bad combination of settings, conflicting output folder, ...)."""
+TASK_SCOPES = ("local", "global")
 
 
 @dataclass(frozen=True)
@@ -76,7 +74,8 @@ class Experiment:
 
 @dataclass(frozen=True)
 class RunOptions:
-    """How and where runs execute; nothing here changes the results on a given device."""
+    """How and where runs execute; nothing here changes the results of a single process on a given
+    device (``tasks`` matters only under ``torchrun``)."""
 
     data_root: str = "data"
     download: bool = False
@@ -90,6 +89,8 @@ class RunOptions:
     overwrite: bool = False
     require_checkpoint: bool = False
     """``--resume``: fail unless the run folder holds a checkpoint to continue from."""
+    tasks: str = "local"
+    """Under torchrun: MLTP's tasks per process (``local``) or over all processes (``global``)."""
 
 
 @dataclass
@@ -100,6 +101,7 @@ class RunResult:
     procedure: str
     seed: int
     history: List[dict]
+    reused: bool = False  # found finished in run_dir with the same settings, not trained again
 
     @property
     def final(self) -> dict:
@@ -128,7 +130,9 @@ def describe_device(device: torch.device) -> str:
     return f"cpu ({threads} thread{'s' * (threads != 1)})"
 
 
-def build_optimizer(model: nn.Module, recipe: Recipe, procedure: str) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, recipe: Recipe, procedure: str, tasks: str = "local"
+) -> torch.optim.Optimizer:
     """The recipe's optimizer over ``model``; MLTP procedures wrap it in ``MLTPOptimizer``."""
     if recipe.optimizer == "adam":
         base = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
@@ -143,7 +147,12 @@ def build_optimizer(model: nn.Module, recipe: Recipe, procedure: str) -> torch.o
         return base
     try:
         return MLTPOptimizer(
-            base, model, eta=recipe.eta, alpha_init=(recipe.alpha_mean, recipe.alpha_std), mode=mode
+            base,
+            model,
+            eta=recipe.eta,
+            alpha_init=(recipe.alpha_mean, recipe.alpha_std),
+            mode=mode,
+            tasks=tasks,
         )
     except ValueError as err:
         raise ExperimentError(f"procedure {procedure} cannot train this model: {err}") from None
@@ -188,11 +197,8 @@ class TrainTally:
     """
 
     def __init__(self, device: torch.device):
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        self.correct = torch.zeros((), dtype=torch.int64, device=device)
-        self.objective_sum = torch.zeros((), dtype=torch.float64, device=device)
-        self.samples = 0
-        self.steps = 0
+        # loss sum, correct predictions, objective sum, samples, steps: one tensor, one all-reduce
+        self.sums = torch.zeros(5, dtype=torch.float64, device=device)
 
     def loss_fn(self, model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """Cross-entropy of ``model`` on a batch, recorded in this tally."""
@@ -200,46 +206,73 @@ class TrainTally:
         def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             logits = model(x)
             loss = F.cross_entropy(logits, y)
-            self.loss_sum += loss.detach().double() * len(y)
-            self.correct += (logits.detach().argmax(dim=1) == y).sum()
-            self.samples += len(y)
+            self.sums[0] += loss.detach().double() * len(y)
+            self.sums[1] += (logits.detach().argmax(dim=1) == y).sum()
+            self.sums[3] += len(y)
             return loss
 
         return loss_fn
 
     def add_objective(self, objective: torch.Tensor) -> None:
-        self.objective_sum += objective.double()
-        self.steps += 1
+        self.sums[2] += objective.double()
+        self.sums[4] += 1
 
-    def summary(self) -> Dict[str, float]:
+    def summary(self, processes: Processes = SINGLE_PROCESS) -> Dict[str, float]:
+        """Means over every process's samples (and steps)."""
+        loss_sum, correct, objective_sum, samples, steps = processes.sum(self.sums.clone()).tolist()
         return {
-            "train_loss": self.loss_sum.item() / self.samples,
-            "train_acc": 100.0 * self.correct.item() / self.samples,
-            "train_objective": self.objective_sum.item() / self.steps,
-            "train_samples": self.samples,
+            "train_loss": loss_sum / samples,
+            "train_acc": 100.0 * correct / samples,
+            "train_objective": objective_sum / steps,
+            "train_samples": int(samples),
         }
 
 
-def data_order_generator(seed: int, epoch: int) -> torch.Generator:
+def data_order_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
     """The generator that shuffles epoch ``epoch`` of seed ``seed`` (and seeds its workers)."""
-    (state,) = np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)
+    entropy = [seed, epoch] if rank == 0 else [seed, epoch, rank]
+    (state,) = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)
     return torch.Generator().manual_seed(int(state))
 
 
 def make_loader(
-    dataset: Dataset, batch_size: int, generator: torch.Generator, shuffle: bool, num_workers: int, pin: bool
+    dataset: Dataset,
+    batch_size: int,
+    generator: torch.Generator,
+    shuffle: bool,
+    num_workers: int,
+    pin: bool,
+    sampler: Optional[DistributedSampler] = None,
 ) -> DataLoader:
+    """Batches of ``dataset`` (shuffled by ``generator``, or by a ``DistributedSampler``)."""
+    size = len(sampler) if sampler is not None else len(dataset)
     # MLTP cannot split a batch of one sample into two tasks: drop such a last batch.
-    drop_last = shuffle and len(dataset) % batch_size == 1
+    drop_last = (shuffle or sampler is not None) and size % batch_size == 1
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
         generator=generator,
         num_workers=num_workers,
         pin_memory=pin,
         drop_last=drop_last,
     )
+
+
+def train_loader(
+    dataset: Dataset, batch_size: int, seed: int, epoch: int, processes: Processes, workers: int, pin: bool
+) -> DataLoader:
+    """Epoch ``epoch``'s batches for this process: the whole shuffled set for a single process,
+    else this process's shard of one shuffle shared by all (the same number of batches in each)."""
+    sampler = None
+    if processes.distributed:
+        sampler = DistributedSampler(
+            dataset, processes.world_size, processes.rank, shuffle=True, seed=seed, drop_last=True
+        )
+        sampler.set_epoch(epoch)
+    generator = data_order_generator(seed, epoch, processes.rank)
+    return make_loader(dataset, batch_size, generator, True, workers, pin, sampler)
 
 
 def train_one_epoch(
@@ -250,6 +283,7 @@ def train_one_epoch(
     limit: Optional[int],
     description: str,
     progress: bool,
+    processes: Processes = SINGLE_PROCESS,
 ) -> Dict[str, float]:
     from tqdm.auto import tqdm
 
@@ -265,30 +299,45 @@ def train_one_epoch(
             if progress and (index % 10 == 0 or index + 1 == total):
                 stats = tally.summary()
                 bar.set_postfix(loss=f"{stats['train_loss']:.3f}", acc=f"{stats['train_acc']:.1f}%")
-    return tally.summary()
+    return tally.summary(processes)
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: DataLoader, device: torch.device, topk: Tuple[int, ...], limit: Optional[int]
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    topk: Tuple[int, ...],
+    limit: Optional[int],
+    processes: Processes = SINGLE_PROCESS,
 ) -> Dict[str, float]:
-    """Test loss and top-k accuracies (percent): ``test_acc`` is top-1, ``test_top5`` top-5."""
+    """Test loss and top-k accuracies (percent): ``test_acc`` is top-1, ``test_top5`` top-5.
+
+    Under torchrun each process evaluates its share of the test set and the sums are combined.
+    """
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros(len(topk), dtype=torch.int64, device=device)
-    samples = 0
+    sums = torch.zeros(2 + len(topk), dtype=torch.float64, device=device)  # loss, samples, hits per k
     for x, y in itertools.islice(loader, limit):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = model(x)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-        top = logits.topk(max(topk), dim=1).indices
-        hits = top == y[:, None]
-        correct += torch.stack([hits[:, :k].any(dim=1).sum() for k in topk])
-        samples += len(y)
-    metrics = {"test_loss": loss_sum.item() / samples}
-    for k, count in zip(topk, correct.tolist()):
+        sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
+        sums[1] += len(y)
+        hits = logits.topk(max(topk), dim=1).indices == y[:, None]
+        sums[2:] += torch.stack([hits[:, :k].any(dim=1).sum() for k in topk]).double()
+    loss_sum, samples, *correct = processes.sum(sums).tolist()
+    metrics = {"test_loss": loss_sum / samples}
+    for k, count in zip(topk, correct):
         metrics[metric_name(k)] = 100.0 * count / samples
     return metrics
+
+
+def evaluation_loader(
+    dataset: Dataset, batch_size: int, processes: Processes, workers: int, pin: bool
+) -> DataLoader:
+    """The test set in a fixed order; under torchrun every ``world_size``-th sample from ``rank``."""
+    if processes.distributed:
+        dataset = Subset(dataset, range(processes.rank, len(dataset), processes.world_size))
+    return make_loader(dataset, batch_size, torch.Generator().manual_seed(0), False, workers, pin)
 
 
 def metric_name(k: int) -> str:
@@ -331,79 +380,12 @@ def versions() -> Dict[str, str]:
     }
 
 
-def _json_normal(value):
-    """``value`` as it reads back from JSON (tuples become lists)."""
-    return json.loads(json.dumps(value))
-
-
-def _config(experiment: Experiment, procedure: str, seed: int) -> dict:
+def run_config(experiment: Experiment, procedure: str, seed: int, processes: Processes, tasks: str) -> dict:
     """The settings that determine a run's results (the number of epochs may grow on resume)."""
-    return _json_normal({"experiment": experiment.to_dict(), "procedure": procedure, "seed": seed})
-
-
-def _differences(stored: dict, wanted: dict, prefix: str = "") -> List[str]:
-    found = []
-    for key in sorted(set(stored) | set(wanted)):
-        old, new = stored.get(key), wanted.get(key)
-        if isinstance(old, dict) and isinstance(new, dict):
-            found += _differences(old, new, f"{prefix}{key}.")
-        elif old != new and f"{prefix}{key}" != "experiment.recipe.epochs":
-            found.append(f"{prefix}{key}: {old!r} there, {new!r} now")
-    return found
-
-
-def _atomic_save(obj, path: Path) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
-
-
-def _write_json(obj, path: Path) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(temporary, path)
-
-
-def _read_history(run_dir: Path, last_epoch: int) -> List[dict]:
-    path = run_dir / METRICS_FILE
-    if not path.exists():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [record for record in records if record["epoch"] <= last_epoch]
-
-
-def _prepare_folder(run_dir: Path, config: dict, epochs: int, options: RunOptions) -> Optional[int]:
-    """Check the run folder; returns the last checkpointed epoch, or ``None`` for a fresh start."""
-    config_path = run_dir / CONFIG_FILE
-    if options.overwrite:
-        for name in RUN_FILES:
-            (run_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(run_dir / TENSORBOARD_DIR, ignore_errors=True)
-    elif config_path.exists():
-        stored = json.loads(config_path.read_text())
-        changed = _differences({key: stored.get(key) for key in config}, config)
-        if changed:
-            raise ExperimentError(
-                f"{run_dir} holds a run with other settings ({'; '.join(changed)}); "
-                "pass --overwrite to replace it or choose another --out"
-            )
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise ExperimentError(
-            f"{run_dir} exists and is not a run folder (no {CONFIG_FILE}); "
-            "choose another --out or pass --overwrite"
-        )
-    checkpoint_path = run_dir / CHECKPOINT_FILE
-    last_epoch = None
-    if checkpoint_path.exists():
-        last_epoch = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
-        if last_epoch > epochs:
-            raise ExperimentError(
-                f"{run_dir} already trained for {last_epoch} epochs, more than the {epochs} asked for; "
-                "pass --overwrite to start over"
-            )
-    elif options.require_checkpoint:
-        raise ExperimentError(f"--resume: {run_dir} holds no {CHECKPOINT_FILE} to continue from")
-    return last_epoch
+    config = {"experiment": experiment.to_dict(), "procedure": procedure, "seed": seed}
+    if processes.distributed:
+        config["distributed"] = {"processes": processes.world_size, "tasks": tasks}
+    return json_normal(config)
 
 
 def _summary_writer_class():
@@ -426,6 +408,77 @@ def _epoch_line(procedure: str, seed: int, record: dict, epochs: int) -> str:
     )
 
 
+def _open_folder(folder: RunFolder, config: dict, epochs: int, options: RunOptions, processes: Processes):
+    """The main process checks (and, with ``overwrite``, clears) the folder; every process gets
+    its verdict: the last checkpointed epoch, or the error to raise."""
+    verdict: Tuple[Optional[int], Optional[str]] = (None, None)
+    if processes.is_main:
+        try:
+            verdict = (folder.prepare(config, epochs, options.overwrite, options.require_checkpoint), None)
+        except ExperimentError as err:
+            verdict = (None, str(err))
+    last_epoch, error = processes.share(verdict)
+    if error is not None:
+        raise ExperimentError(error)
+    return last_epoch
+
+
+@dataclass
+class _Training:
+    """The objects one run trains with."""
+
+    model: nn.Module  # the user's module (what the checkpoints hold)
+    trained: nn.Module  # what the loop calls: the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+    def checkpoint(self, epoch: int, processes: Processes) -> Optional[dict]:
+        """This epoch's checkpoint, on the main process; every process hands in its RNG states."""
+        states = processes.gather(rng_states())
+        if not processes.is_main:
+            return None
+        return {
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": states[0] if not processes.distributed else states,
+        }
+
+    def restore(self, checkpoint: dict, processes: Processes) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        states = checkpoint["rng"]
+        saved_processes = len(states) if isinstance(states, list) else 1
+        if saved_processes != processes.world_size:
+            raise ExperimentError(
+                f"the checkpoint was written by {saved_processes} process(es); resume it with as many "
+                f"(this run has {processes.world_size})"
+            )
+        restore_rng_states(states[processes.rank] if isinstance(states, list) else states)
+
+
+def _build_training(
+    experiment: Experiment,
+    procedure: str,
+    data: DataSplits,
+    device: torch.device,
+    processes: Processes,
+    tasks: str,
+) -> _Training:
+    model = build_model_for(experiment, data).to(device)
+    trained = model
+    if processes.distributed:
+        device_ids = [device.index] if device.type == "cuda" else None
+        trained = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    optimizer = build_optimizer(trained, experiment.recipe, procedure, tasks)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, list(experiment.recipe.milestones), gamma=experiment.recipe.lr_decay
+    )
+    return _Training(model, trained, optimizer, scheduler)
+
+
 def train_run(
     experiment: Experiment,
     procedure: str,
@@ -437,121 +490,132 @@ def train_run(
     """Train one run into ``run_dir``, resuming from its checkpoint when it holds the same run.
 
     ``data`` avoids reloading the data set for every run of a comparison. A run folder with
-    other settings is refused unless ``options.overwrite``.
+    other settings is refused unless ``options.overwrite``.  Under ``torchrun`` every process
+    calls this with the same arguments.
     """
     recipe = experiment.recipe
     if MLTP_MODES[procedure] is not None and recipe.batch_size < 2:
         raise ExperimentError("MLTP splits each batch into two tasks: --batch-size must be at least 2")
-    run_dir = Path(run_dir)
-    device = resolve_device(options.device)
-    config = _config(experiment, procedure, seed)
-    last_epoch = _prepare_folder(run_dir, config, recipe.epochs, options)
-    if last_epoch == recipe.epochs and (run_dir / RESULT_FILE).exists():
-        return RunResult(run_dir, procedure, seed, _read_history(run_dir, last_epoch))
-    summary_writer = _summary_writer_class() if options.tensorboard else None
+    if options.tasks not in TASK_SCOPES:
+        raise ExperimentError(f"tasks must be one of {TASK_SCOPES}, got {options.tasks!r}")
+    processes = distributed.current()
+    device = resolve_device(processes.device(options.device))
+    folder = RunFolder(Path(run_dir))
+    config = run_config(experiment, procedure, seed, processes, options.tasks)
+    last_epoch = _open_folder(folder, config, recipe.epochs, options, processes)
+    if folder.finished(last_epoch, recipe.epochs):
+        return RunResult(folder.path, procedure, seed, folder.history(last_epoch), reused=True)
+    summary_writer = _summary_writer_class() if options.tensorboard and processes.is_main else None
     if data is None:
         data = load_dataset(experiment.dataset, options.data_root, download=options.download)
 
     seed_everything(seed)
-    model = build_model_for(experiment, data).to(device)
-    optimizer = build_optimizer(model, recipe, procedure)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(
-        optimizer, list(recipe.milestones), gamma=recipe.lr_decay
-    )
-    history: List[dict] = []
+    training = _build_training(experiment, procedure, data, device, processes, options.tasks)
     if last_epoch is not None:
-        # on the CPU: the RNG states must stay there; load_state_dict moves the rest to the model's device
-        checkpoint = torch.load(run_dir / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        restore_rng_states(checkpoint["rng"])
-        history = _read_history(run_dir, last_epoch)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / METRICS_FILE).write_text("".join(json.dumps(record) + "\n" for record in history))
-    _write_json(
-        {
-            **config,
-            "epochs": recipe.epochs,
-            "resumed_from_epoch": last_epoch,
-            "options": dataclasses.asdict(options),
-            "device": describe_device(device),
-            "versions": versions(),
-            "command": sys.argv,
-            "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        },
-        run_dir / CONFIG_FILE,
-    )
-
+        training.restore(folder.load_checkpoint(), processes)
+    history = folder.history(last_epoch)
+    if processes.is_main:
+        folder.start(
+            {
+                **config,
+                "epochs": recipe.epochs,
+                "resumed_from_epoch": last_epoch,
+                "options": dataclasses.asdict(options),
+                "device": describe_device(device),
+                "processes": processes.world_size,
+                "versions": versions(),
+                "command": sys.argv,
+                "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            },
+            history,
+        )
     writer = None
     if summary_writer is not None:
-        writer = summary_writer(log_dir=str(run_dir / TENSORBOARD_DIR), purge_step=(last_epoch or 0) + 1)
-    workers = options.num_workers if options.num_workers is not None else (4 if device.type == "cuda" else 0)
-    pin = device.type == "cuda"
-    test_loader = make_loader(
-        data.test, 2 * recipe.batch_size, torch.Generator().manual_seed(0), False, workers, pin
+        writer = summary_writer(log_dir=str(folder.path / TENSORBOARD_DIR), purge_step=(last_epoch or 0) + 1)
+    evaluation = evaluation_loader(
+        data.test, 2 * recipe.batch_size, processes, _workers(options, device), device.type == "cuda"
     )
     for epoch in range((last_epoch or 0) + 1, recipe.epochs + 1):
-        train_loader = make_loader(
-            data.train, recipe.batch_size, data_order_generator(seed, epoch), True, workers, pin
-        )
-        lr = optimizer.param_groups[0]["lr"]
-        started = time.perf_counter()
-        try:
-            train_metrics = train_one_epoch(
-                model,
-                optimizer,
-                train_loader,
-                device,
-                experiment.limit_train_batches,
-                f"{procedure} seed {seed} epoch {epoch}/{recipe.epochs}",
-                options.progress,
-            )
-        except FloatingPointError as err:
-            raise ExperimentError(
-                f"{run_dir}: training diverged in epoch {epoch} ({err}); lower --lr"
-            ) from None
-        train_time = time.perf_counter() - started
-        scheduler.step()
-        started = time.perf_counter()
-        test_metrics = evaluate(model, test_loader, device, recipe.topk, experiment.limit_test_batches)
-        record = {
-            "epoch": epoch,
-            "lr": lr,
-            **train_metrics,
-            **test_metrics,
-            "epoch_time_s": train_time,
-            "eval_time_s": time.perf_counter() - started,
-        }
-        if isinstance(optimizer, MLTPOptimizer):
-            record["alphas"] = {
-                name: alpha.detach().cpu().tolist() for name, alpha in optimizer.alphas.items()
-            }
+        record = _train_epoch(experiment, procedure, seed, epoch, training, data, device, processes, options)
+        record.update(_timed_evaluation(training.model, evaluation, device, experiment, processes))
         history.append(record)
-        with open(run_dir / METRICS_FILE, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        _atomic_save(
-            {
-                "epoch": epoch,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": rng_states(),
-            },
-            run_dir / CHECKPOINT_FILE,
-        )
-        if writer is not None:
-            _log_tensorboard(writer, record)
-        if options.log_epochs:
-            print(_epoch_line(procedure, seed, record, recipe.epochs), flush=True)
+        checkpoint = training.checkpoint(epoch, processes)
+        if processes.is_main:
+            folder.append_metrics(record)
+            folder.save_checkpoint(checkpoint)
+            if writer is not None:
+                _log_tensorboard(writer, record)
+            if options.log_epochs:
+                print(_epoch_line(procedure, seed, record, recipe.epochs), flush=True)
     if writer is not None:
         writer.close()
-    _atomic_save(model.state_dict(), run_dir / FINAL_FILE)
-    _write_json(
-        {**config, "epochs": recipe.epochs, "final": history[-1], "versions": versions()},
-        run_dir / RESULT_FILE,
+    if processes.is_main:
+        folder.finish(
+            training.model.state_dict(),
+            {**config, "epochs": recipe.epochs, "final": history[-1], "versions": versions()},
+        )
+    processes.barrier()  # the folder is complete before any process moves on
+    return RunResult(folder.path, procedure, seed, history)
+
+
+def _train_epoch(
+    experiment: Experiment,
+    procedure: str,
+    seed: int,
+    epoch: int,
+    training: _Training,
+    data: DataSplits,
+    device: torch.device,
+    processes: Processes,
+    options: RunOptions,
+) -> dict:
+    """Train one epoch and step the scheduler; the epoch's record without the test metrics."""
+    recipe = experiment.recipe
+    loader = train_loader(
+        data.train,
+        recipe.batch_size,
+        seed,
+        epoch,
+        processes,
+        _workers(options, device),
+        device.type == "cuda",
     )
-    return RunResult(run_dir, procedure, seed, history)
+    lr = training.optimizer.param_groups[0]["lr"]
+    started = time.perf_counter()
+    try:
+        metrics = train_one_epoch(
+            training.trained,
+            training.optimizer,
+            loader,
+            device,
+            experiment.limit_train_batches,
+            f"{procedure} seed {seed} epoch {epoch}/{recipe.epochs}",
+            options.progress and processes.is_main,
+            processes,
+        )
+    except FloatingPointError as err:
+        raise ExperimentError(f"training diverged in epoch {epoch} ({err}); lower --lr") from None
+    record = {"epoch": epoch, "lr": lr, **metrics, "epoch_time_s": time.perf_counter() - started}
+    training.scheduler.step()
+    if isinstance(training.optimizer, MLTPOptimizer):
+        record["alphas"] = {name: a.detach().cpu().tolist() for name, a in training.optimizer.alphas.items()}
+    return record
+
+
+def _workers(options: RunOptions, device: torch.device) -> int:
+    if options.num_workers is not None:
+        return options.num_workers
+    return 4 if device.type == "cuda" else 0
+
+
+def _timed_evaluation(
+    model: nn.Module, loader: DataLoader, device: torch.device, experiment: Experiment, processes: Processes
+) -> dict:
+    started = time.perf_counter()
+    metrics = evaluate(
+        model, loader, device, experiment.recipe.topk, experiment.limit_test_batches, processes
+    )
+    return {**metrics, "eval_time_s": time.perf_counter() - started}
 
 
 def _log_tensorboard(writer, record: dict) -> None:
