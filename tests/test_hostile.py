@@ -1,0 +1,409 @@
+"""Hostile and unusual use: what must work, what must be refused with a message naming the cause."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from mltp_reference import alphas_by_parameter, gradients, trainable
+from torch import nn
+from torch.nn.utils import parametrizations
+
+from torch_mltp import MLTPOptimizer, task_closures
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+def batch(seed=0, size=8):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(size, 5, generator=gen, dtype=torch.float64), torch.randint(
+        0, 3, (size,), generator=gen
+    )
+
+
+def closures(model, x, y, loss=F.cross_entropy):
+    return task_closures(lambda a, b: loss(model(a), b), x, y)
+
+
+def values(model, opt):
+    tensors = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tensors.update({f"alpha:{n}": a.detach().clone() for n, a in opt.alphas.items()})
+    return tensors
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def state_bytes(opt):
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    return buffer.getvalue()
+
+
+# -- gradients autograd hands back in unusual forms ----------------------------------------------------
+
+
+class WithSpare(nn.Module):
+    """Uses the common trick of adding ``0 * sum(unused)`` so that DDP sees every parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = mlp()
+        self.spare = nn.Linear(2, 2).double()
+
+    def forward(self, x):
+        return self.body(x) + 0.0 * sum(p.sum() for p in self.spare.parameters())
+
+
+@pytest.mark.parametrize("mode", ["fo", "full"])
+def test_expanded_zero_gradients_of_the_unused_parameter_trick(mode):
+    model = WithSpare()
+    opt = MLTPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, mode=mode, alpha_init=0.05)
+    x, y = batch()
+    for _ in range(2):  # the second step accumulates into the .grad the first one wrote
+        opt.step(*closures(model, x, y))
+    for p in model.spare.parameters():
+        assert torch.equal(p.grad, torch.zeros_like(p)) and p.grad.stride() == p.stride()
+
+
+class SharedGradient(nn.Module):
+    """``F.linear(x, w + delta)``: autograd returns one tensor as the gradient of both ``w`` and ``delta``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.w = nn.Parameter(torch.randn(3, 5, dtype=torch.float64))
+        self.delta = nn.Parameter(0.1 * torch.randn(3, 5, dtype=torch.float64))
+
+    def forward(self, x):
+        return F.linear(torch.tanh(x), self.w + self.delta)
+
+
+@pytest.mark.parametrize("mode", ["fo", "full"])
+def test_one_gradient_tensor_shared_by_two_parameters(mode):
+    model = SharedGradient()
+    opt = MLTPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0), model, mode=mode, alpha_init=0.05, alpha_per="tensor"
+    )
+    leaves = {n: a.detach().clone().requires_grad_() for n, a in opt.alphas.items()}
+    x, y = batch()
+    opt.step(*closures(model, x, y))
+    _, expected, _ = gradients(
+        model, F.cross_entropy, (x[:4], y[:4]), (x[4:], y[4:]), leaves, 1.0, first_order=mode == "fo"
+    )
+    for name, param in trainable(model).items():
+        torch.testing.assert_close(param.grad, expected[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+# -- copies --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_a_copy_drives_its_own_model_and_trains_like_the_original(how):
+    model = mlp()
+    opt = MLTPOptimizer(
+        torch.optim.Adam(model.parameters(), lr=1e-2), model, mode="fo", alpha_init=(0.05, 0.01)
+    )
+    x, y = batch()
+    opt.step(*closures(model, x, y))
+    if how == "deepcopy":
+        model2, opt2 = copy.deepcopy((model, opt))
+    elif how == "pickle":
+        model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
+    else:
+        buffer = io.BytesIO()
+        torch.save((model, opt), buffer)
+        buffer.seek(0)
+        model2, opt2 = torch.load(buffer, weights_only=False)
+    assert opt2.param_groups is opt2.base_optimizer.param_groups
+    assert all(p is q for p, q in zip(opt2.param_groups[0]["params"], model2.parameters()))
+    original = values(model, opt)
+    for _ in range(2):
+        x, y = batch(seed=1)
+        opt2.zero_grad()
+        opt2.step(*closures(model2, x, y))
+    assert same(values(model, opt), original)  # the original is untouched
+    for _ in range(2):
+        opt.zero_grad()
+        opt.step(*closures(model, x, y))
+    assert same(values(model, opt), values(model2, opt2))
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------
+
+
+def trained(mode="fo", learn_alpha=True):
+    model = mlp()
+    opt = MLTPOptimizer(
+        torch.optim.Adam(model.parameters(), lr=1e-2),
+        model,
+        mode=mode,
+        alpha_init=0.05,
+        learn_alpha=learn_alpha,
+    )
+    x, y = batch()
+    opt.step(*closures(model, x, y))
+    return model, opt
+
+
+def corrupted(state, change):
+    state = copy.deepcopy(state)
+    change(state)
+    return state
+
+
+BAD_CHECKPOINTS = {
+    "missing alphas": (lambda s: s["mltp"].pop("alphas"), "lacks alphas"),
+    "missing eta": (lambda s: s["mltp"].pop("eta"), "lacks eta"),
+    "missing base state": (lambda s: s.pop("state"), "lacks the base optimizer's 'state'"),
+    "wrong alpha shape": (lambda s: s["mltp"]["alphas"].update({"0": torch.zeros(3)}), "expected shape"),
+    "nan alpha": (lambda s: s["mltp"]["alphas"].update({"0": torch.tensor(float("nan"))}), "not a finite"),
+    "bogus policy": (lambda s: s["mltp"].update(nonfinite="bogus"), "nonfinite must be one of"),
+    "negative eta": (lambda s: s["mltp"].update(eta=-1.0), "eta must be a finite number >= 0"),
+    "other layers": (lambda s: s["mltp"]["alphas"].pop("2"), "alphas for layers"),
+    "alpha state shape": (lambda s: s["state"][4].update(exp_avg=torch.zeros(2)), "exp_avg"),
+    "group count": (lambda s: s["param_groups"].pop(), "param groups"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
+def test_a_bad_checkpoint_is_refused_and_changes_nothing(case):
+    change, message = BAD_CHECKPOINTS[case]
+    _, source = trained()
+    bad = corrupted(source.state_dict(), change)
+    model, opt = trained()
+    x, y = batch(3)
+    opt.step(*closures(model, x, y))  # a state that differs from the checkpoint's
+    before, before_state = values(model, opt), state_bytes(opt)
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(bad)
+    assert same(values(model, opt), before) and state_bytes(opt) == before_state
+
+
+def test_a_failure_inside_the_base_load_restores_the_base_state():
+    _, opt = trained()
+    bad = opt.state_dict()
+    bad["param_groups"][0]["params"] = bad["param_groups"][0]["params"][:-1]  # torch refuses the sizes
+    before = state_bytes(opt)
+    with pytest.raises(ValueError):
+        opt.load_state_dict(bad)
+    assert state_bytes(opt) == before and opt.param_groups is opt.base_optimizer.param_groups
+
+
+def test_compiled_and_eager_checkpoints_load_into_each_other():
+    _, opt = trained()
+    compiled = torch.compile(mlp(), backend="aot_eager")
+    opt_compiled = MLTPOptimizer(
+        torch.optim.Adam(compiled.parameters(), lr=1e-2), compiled, mode="fo", alpha_init=0.1
+    )
+    assert list(opt_compiled.alphas) == list(opt.alphas)
+    opt_compiled.load_state_dict(opt.state_dict())
+    assert all(torch.equal(opt_compiled.alphas[n], opt.alphas[n]) for n in opt.alphas)
+    opt.load_state_dict(opt_compiled.state_dict())
+
+
+# -- layers --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "parametrize", [parametrizations.weight_norm, parametrizations.spectral_norm, parametrizations.orthogonal]
+)
+@pytest.mark.parametrize("mode", ["fc", "full"])
+def test_a_parametrized_layer_gets_one_alpha_and_all_its_tensors_shift(parametrize, mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(parametrize(nn.Linear(5, 5)), nn.Tanh(), nn.Linear(5, 3)).double()
+    if parametrize is parametrizations.spectral_norm:
+        model.eval()  # no power iteration between the two forward passes: a fixed function of w
+    opt = MLTPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0), model, mode=mode, alpha_init=(0.05, 0.02)
+    )
+    assert list(opt.alphas) == ["0", "2"]
+    leaves = {n: a.detach().clone().requires_grad_() for n, a in opt.alphas.items()}
+    step_sizes = alphas_by_parameter(model, leaves, "layer")
+    step_sizes.update(
+        {
+            f"0.parametrizations.weight.{n}": leaves["0"]
+            for n, _ in model[0].parametrizations.weight.named_parameters()
+        }
+    )
+    x, y = batch()
+    opt.step(*closures(model, x, y))
+    _, expected, expected_alpha = gradients(
+        model, F.cross_entropy, (x[:4], y[:4]), (x[4:], y[4:]), step_sizes, 1.0
+    )
+    for name, param in trainable(model).items():
+        torch.testing.assert_close(param.grad, expected[name], rtol=1e-8, atol=1e-10, msg=name)
+    torch.testing.assert_close(opt.alphas["0"].grad, expected_alpha[id(leaves["0"])], rtol=1e-8, atol=1e-10)
+
+
+def test_complex_parameters_in_the_selection_are_refused():
+    model = nn.Sequential(nn.Linear(4, 4, dtype=torch.complex64))
+    with pytest.raises(TypeError, match=r"complex64.*real"):
+        MLTPOptimizer(torch.optim.Adam(model.parameters()), model)
+
+
+def test_a_frozen_layer_gets_no_alpha_gradient_and_its_alpha_stays_put():
+    model = mlp()
+    opt = MLTPOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2), model, mode="fo", alpha_init=0.05)
+    x, y = batch()
+    opt.step(*closures(model, x, y))
+    model[0].requires_grad_(False)
+    alpha = opt.alphas["0"].detach().clone()
+    for seed in range(3):  # Adam's momentum would move a zero-gradient alpha
+        opt.zero_grad()
+        opt.step(*closures(model, *batch(seed)))
+        assert opt.alphas["0"].grad is None
+    assert torch.equal(opt.alphas["0"].detach(), alpha)
+
+
+def test_a_parameter_added_after_wrapping_is_trained_and_the_user_is_told_it_is_not_shifted():
+    model = mlp()
+    model[2].requires_grad_(False)
+    opt = MLTPOptimizer(
+        torch.optim.Adam([p for p in model.parameters() if p.requires_grad]),
+        model,
+        mode="fo",
+        alpha_init=0.05,
+    )
+    assert list(opt.alphas) == ["0"]
+    model[2].requires_grad_(True)
+    opt.add_param_group({"params": list(model[2].parameters())})
+    x, y = batch()
+    with pytest.warns(UserWarning, match="not shifted"):
+        opt.step(*closures(model, x, y))
+    assert model[2].weight.grad is not None
+
+
+# -- what cannot work is refused at construction -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda ps: torch.optim.LBFGS(ps), "LBFGS cannot be wrapped"),
+        (lambda ps: torch.optim.SparseAdam(ps), "SparseAdam takes only sparse gradients"),
+        (
+            lambda ps: torch.optim.Muon([p for p in ps if p.dim() == 2], lr=0.01),
+            "cannot update MLTP's step sizes",
+        ),
+    ],
+)
+def test_base_optimizers_that_cannot_work_are_refused(make, message):
+    model = mlp().float()
+    base = make(list(model.parameters()))
+    groups_before = len(base.param_groups)
+    with pytest.raises(TypeError, match=message):
+        MLTPOptimizer(base, model, mode="fo")
+    assert len(base.param_groups) == groups_before and not base.state
+
+
+def test_muon_works_with_fixed_alphas():
+    model = nn.Sequential(nn.Linear(5, 8, bias=False), nn.Tanh(), nn.Linear(8, 3, bias=False))
+    opt = MLTPOptimizer(torch.optim.Muon(model.parameters(), lr=0.01), model, mode="fo", learn_alpha=False)
+    x, y = batch()
+    opt.step(*closures(model, x.float(), y))
+
+
+def test_sparse_embeddings_are_refused():
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(8, 3))
+    with pytest.raises(ValueError, match=r"sparse=True.*sparse=False"):
+        MLTPOptimizer(torch.optim.Adam(model.parameters()), model, mode="fo")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"alpha_init": -0.01}, ValueError, "alpha_init must be >= 0"),
+        ({"alpha_init": (-1e-3, 1e-3)}, ValueError, "alpha_init mean must be >= 0"),
+        ({"alpha_lr": 1e-3, "learn_alpha": False}, ValueError, "with learn_alpha=False drop it"),
+        ({"alpha_min": float("nan")}, ValueError, "alpha_min must be finite"),
+        ({"tasks": "all"}, ValueError, "tasks must be one of"),
+        ({"tasks": "global"}, ValueError, "DistributedDataParallel model or a process_group"),
+    ],
+)
+def test_settings_that_make_no_sense_are_refused(kwargs, error, message):
+    model = mlp()
+    with pytest.raises(error, match=message):
+        MLTPOptimizer(torch.optim.Adam(model.parameters()), model, **kwargs)
+
+
+# -- messages that name the real cause -----------------------------------------------------------------
+
+
+def test_inference_mode_is_named():
+    model = mlp()
+    opt = MLTPOptimizer(torch.optim.Adam(model.parameters()), model, mode="fo")
+    x, y = batch()
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        opt.step(*closures(model, x, y))
+
+
+def test_a_closure_that_calls_backward_itself_is_named():
+    model = mlp()
+    opt = MLTPOptimizer(torch.optim.Adam(model.parameters()), model, mode="fo")
+    x, y = batch()
+
+    def closure_i():
+        loss = F.cross_entropy(model(x[:4]), y[:4])
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match=r"closure_i must return its loss without calling \.backward\(\)"):
+        opt.step(closure_i, lambda: F.cross_entropy(model(x[4:]), y[4:]))
+
+
+def test_attention_in_full_mode_names_fo_and_the_math_backend():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), nn.Flatten())
+    model.append(nn.Linear(32, 3))
+    opt = MLTPOptimizer(torch.optim.Adam(model.parameters()), model, mode="full")
+    x, y = torch.randn(6, 4, 8), torch.randint(0, 3, (6,))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    try:
+        opt.step(*task_closures(lambda a, b: F.cross_entropy(model(a), b), x, y))
+    except RuntimeError as err:  # the fused CPU kernel is not twice differentiable
+        assert "mode='fo'" in str(err) and "SDPBackend.MATH" in str(err)
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        opt.zero_grad()
+        opt.step(*task_closures(lambda a, b: F.cross_entropy(model(a), b), x, y))
+
+
+# -- schedulers and hooks ------------------------------------------------------------------------------
+
+
+def test_schedulers_with_one_value_per_group_take_the_alpha_group_last():
+    model = mlp()
+    opt = MLTPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, mode="fo")
+    with pytest.raises(ValueError, match="param_groups"):
+        torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[0.1], total_steps=4)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[0.1, 0.01], total_steps=4)
+    lambdas = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=[lambda e: 1.0, lambda e: 0.5**e])
+    x, y = batch()
+    opt.step(*closures(model, x, y))
+    scheduler.step()
+    lambdas.step()
+    assert opt.param_groups[-1]["mltp_alpha"] and opt.param_groups[-1]["lr"] < opt.param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize(("mode", "calls"), [("fo", 2), ("full", 3)])
+def test_what_fires_for_tensor_hooks_and_post_accumulate_hooks(mode, calls):
+    """As documented: a tensor hook sees every gradient autograd computes for the tensor (task i's,
+    task j's, and in second order the Hessian-vector product); post-accumulate hooks do not fire."""
+    model = mlp()
+    opt = MLTPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, mode=mode)
+    seen, accumulated = [], []
+    model[0].weight.register_hook(lambda grad: seen.append(grad.shape))
+    model[0].weight.register_post_accumulate_grad_hook(lambda p: accumulated.append(p))
+    opt.step(*closures(model, *batch()))
+    assert len(seen) == calls and accumulated == []
