@@ -115,11 +115,22 @@ def test_compare_writes_table_results_and_figures(data_root, tmp_path, capsys):
     ]  # fmt: skip
     printed = capsys.readouterr().out
     assert "| mnist1d_cnn | mltp_fo |" in printed and str(root / "accuracy.png") in printed
+    run_lines = [line for line in printed.splitlines() if line.startswith("[")]
+    assert [line.split("] ")[0] for line in run_lines] == ["[1/4", "[2/4", "[3/4", "[4/4"]
+    assert not any("reused" in line for line in run_lines)
+    assert f"mltp_fo seed 1: test acc {fo[1]:.2f}% after 1 epochs, " in run_lines[3]
 
-    # Run again: every run is reused, nothing retrained.
+    # Run again: every run is reused, nothing retrained, and the lines say so.
     stamps = {p: p.stat().st_mtime_ns for p in root.glob("*/checkpoint.pt")}
     assert main(argv) == 0
     assert {p: p.stat().st_mtime_ns for p in root.glob("*/checkpoint.pt")} == stamps
+    rerun_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert len(rerun_lines) == 4
+    assert rerun_lines[3] == (
+        f"[4/4] mnist1d mnist1d_cnn mltp_fo seed 1: reused, test acc {fo[1]:.2f}% after 1 epochs "
+        f"({root / 'mltp_fo-seed1'})"
+    )
+    assert all(": reused, test acc " in line for line in rerun_lines)
 
     # Other settings in the same folder are refused with one line, then replaced with --overwrite.
     assert main([*argv, "--lr", "0.003"]) == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import random
 from pathlib import Path
@@ -379,7 +380,7 @@ def test_step_time_estimate_lists_every_setting():
     assert "estimated total: ~" in text
 
 
-def test_reproduce_runs_each_row_and_writes_the_combined_table(data_root, tmp_path, capsys):
+def test_reproduce_runs_each_row_and_writes_the_combined_table(data_root, tmp_path, caplog):
     recipe = recipe_for("mnist1d", "mnist1d_cnn").replace(epochs=1)
     rows = [
         TableRow(
@@ -388,7 +389,8 @@ def test_reproduce_runs_each_row_and_writes_the_combined_table(data_root, tmp_pa
         for model, procedures in [("mnist1d_cnn", ("standard", "mltp_fo")), ("mnist1d_mlp", ("standard",))]
     ]
     options = RunOptions(data_root=str(data_root), device="cpu", progress=False, log_epochs=False)
-    results = reproduce("table1", rows, [0], tmp_path, options, timing_steps=0, dry_run=False)
+    with caplog.at_level(logging.INFO, logger="torch_mltp"):
+        results = reproduce("table1", rows, [0], tmp_path, options, timing_steps=0, dry_run=False)
     assert [result["model"] for result in results] == ["mnist1d_cnn", "mnist1d_mlp"]
     for folder in ("mnist1d-mnist1d_cnn", "mnist1d-mnist1d_mlp"):
         assert (tmp_path / folder / "table.md").exists() and (tmp_path / folder / "accuracy.png").exists()
@@ -401,4 +403,4 @@ def test_reproduce_runs_each_row_and_writes_the_combined_table(data_root, tmp_pa
     assert "paper top-1" in table  # the paper's column (empty here: MNIST-1D is not in the paper)
     combined = json.loads((tmp_path / "results.json").read_text())
     assert [experiment["model"] for experiment in combined["experiments"]] == ["mnist1d_cnn", "mnist1d_mlp"]
-    assert "3 (model, procedure) settings x 1 seed(s) (0,) = 3 runs of 1 epochs" in capsys.readouterr().out
+    assert "3 (model, procedure) settings x 1 seed(s) (0,) = 3 runs of 1 epochs" in caplog.text

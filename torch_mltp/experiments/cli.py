@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import sys
 from pathlib import Path
@@ -185,8 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument(
         "--timing-steps",
         type=_non_negative_int,
-        default=2,
-        help="steps timed per setting for the estimate (0: no estimate; default 2)",
+        default=1,
+        help="steps timed per setting for the estimate, after one warm-up step (0: no estimate; default 1)",
     )
     _add_recipe_options(reproduce)
     _add_run_options(reproduce)
@@ -249,6 +250,8 @@ def _run(args: argparse.Namespace) -> None:
         experiment = _experiment(args)
         root = args.out or Path("runs") / f"{experiment.dataset}-{experiment.model}"
         result = compare(experiment, args.procedures, args.seeds, root, _run_options(args, log_epochs=False))
+        if not distributed.current().is_main:
+            return  # under torchrun, the main process writes the outputs
         written = write_outputs(root, [result])
         print()
         print((root / "table.md").read_text())
@@ -291,6 +294,22 @@ def _processes(args: argparse.Namespace) -> Iterator[None]:
         distributed.stop()
 
 
+@contextlib.contextmanager
+def _messages_to_stdout() -> Iterator[None]:
+    """The experiments report progress through ``logging``; the command line prints it."""
+    logger = logging.getLogger("torch_mltp")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    previous_level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous_level)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``torch-mltp``; returns the exit status (2: a problem the user can fix)."""
     args = build_parser().parse_args(argv)
@@ -299,7 +318,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        with _processes(args):
+        with _processes(args), _messages_to_stdout():
             _run(args)
     except (DatasetError, ExperimentError) as err:
         print(f"torch-mltp: error: {err}", file=sys.stderr)

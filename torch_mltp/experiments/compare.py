@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -20,6 +21,8 @@ from .training import (
     train_run,
     versions,
 )
+
+log = logging.getLogger(__name__)
 
 BASELINE = "standard"
 CONFIDENCE = 0.95
@@ -164,12 +167,20 @@ def compare(
                 experiment, procedure, seed, Path(root) / run_dir_name(procedure, seed), options, data
             )
             runs[procedure, seed] = run
-            final = run.final
-            seconds = sum(record["epoch_time_s"] + record["eval_time_s"] for record in run.history)
-            print(
-                f"[{len(runs)}/{total}] {experiment.dataset} {experiment.model} {procedure} seed {seed}: "
-                f"test acc {final['test_acc']:.2f}% after {final['epoch']} epochs, {seconds:.0f}s "
-                f"({run.run_dir})",
-                flush=True,
-            )
+            log.info("[%d/%d] %s", len(runs), total, run_line(experiment, run))
     return summarize(experiment, procedures, seeds, runs)
+
+
+def run_line(experiment: Experiment, run: RunResult) -> str:
+    """One line on a run of a comparison: its final test accuracy and how long it trained, or, for a run
+    found finished in its folder with the same settings, that it was reused."""
+    final = run.final
+    result = f"test acc {final['test_acc']:.2f}% after {final['epoch']} epochs"
+    if run.reused:
+        result = f"reused, {result}"
+    else:
+        seconds = sum(record["epoch_time_s"] + record["eval_time_s"] for record in run.history)
+        result = f"{result}, {seconds:.0f}s"
+    return (
+        f"{experiment.dataset} {experiment.model} {run.procedure} seed {run.seed}: {result} ({run.run_dir})"
+    )

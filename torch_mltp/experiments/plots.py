@@ -1,18 +1,53 @@
-"""Figures of a comparison: test accuracy per epoch (the paper's Figs. 1-9) and the alphas per layer."""
+"""Figures of a comparison: test accuracy per epoch (the paper's Figs. 1-9) and the alphas per layer.
+
+Each figure is a grid of panels, at most three per row. Lines are means over the seeds; where a
+figure has a band, its legend says what the band is.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+MAX_COLUMNS = 3
+PANEL_SIZE = (4.8, 3.6)  # inches per panel
+DPI = 130
+MAX_LEGEND_LAYERS = 10  # more layers than this are coloured by depth, with a colour bar instead of a legend
+DEPTH_COLOURMAP = "viridis"
+FONTS = {
+    "font.size": 11,
+    "axes.titlesize": 12,
+    "axes.labelsize": 11,
+    "legend.fontsize": 10,
+    "figure.titlesize": 13,
+}
 
-def _figure(panels: int, width: float = 5.5, height: float = 4.0):
+
+def _grid(panels: int):
+    """A figure of ``panels`` panels, at most :data:`MAX_COLUMNS` per row, rows filled evenly.
+
+    Returns the figure and the list of the ``panels`` axes in use (the unused cells are hidden).
+    """
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
 
-    figure = Figure(figsize=(width * panels, height), layout="constrained")
-    return figure, figure.subplots(1, panels, squeeze=False)[0]
+    rows = math.ceil(panels / MAX_COLUMNS)
+    columns = math.ceil(panels / rows)
+    figure = Figure(figsize=(PANEL_SIZE[0] * columns, PANEL_SIZE[1] * rows), layout="constrained")
+    axes = list(figure.subplots(rows, columns, squeeze=False).flat)
+    for unused in axes[panels:]:
+        unused.set_visible(False)
+    return figure, axes[:panels]
+
+
+def _save(figure, path: Path) -> Path:
+    import matplotlib
+
+    with matplotlib.rc_context(FONTS):  # tick labels are made when the figure is drawn
+        figure.savefig(path, dpi=DPI)
+    return path
 
 
 def _curves(result: dict, procedure: str, key) -> np.ndarray:
@@ -22,60 +57,158 @@ def _curves(result: dict, procedure: str, key) -> np.ndarray:
     return np.array([[key(record) for record in run["history"][:epochs]] for run in runs], dtype=float)
 
 
-def _title(result: dict) -> str:
+def _seeds_text(result: dict) -> str:
     seeds = len(result["seeds"])
-    return f"{result['model']} on {result['dataset']} (mean over {seeds} seed{'s' * (seeds > 1)})"
+    return f"{seeds} seed{'s' * (seeds != 1)}"
 
 
-def plot_accuracy(result: dict, path: Path) -> Path:
-    """Test accuracy (and top-5 when reported) and train loss per epoch, mean ± std band over seeds."""
+def _title(result: dict) -> str:
+    return f"{result['model']} on {result['dataset']}, mean over {_seeds_text(result)}"
+
+
+def _epoch_axis(axis, ylabel: str, epochs: int) -> None:
+    """Label ``axis``; ticks on whole epochs, no offset notation on the values."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_xlabel("epoch")
+    axis.set_ylabel(ylabel)
+    if epochs <= 12:
+        axis.set_xticks(range(1, epochs + 1))
+    else:
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.ticklabel_format(axis="y", useOffset=False)
+    axis.grid(alpha=0.3)
+
+
+def _marker(epochs: int) -> Optional[str]:
+    return "o" if epochs < 15 else None
+
+
+def band_label(seeds: int) -> str:
+    """What the shaded band of :func:`accuracy_figure` shows."""
+    return f"band: mean ± 1 sd over {seeds} seeds"
+
+
+def accuracy_figure(result: dict):
+    """Test accuracy (and top-5 when reported) and train loss per epoch.
+
+    Lines: mean over the seeds; with more than one seed a band of ± one sample standard deviation
+    (n − 1), named in the legend.
+    """
+    import matplotlib
+    from matplotlib.patches import Patch
+
     panels = [
         (metric, f"test {metric.replace('test_', '').replace('acc', 'accuracy')} (%)")
         for metric in result["metrics"]
     ] + [("train_loss", "train loss")]
-    figure, axes = _figure(len(panels))
-    for axis, (metric, label) in zip(axes, panels):
-        for procedure in result["procedures"]:
-            values = _curves(result, procedure, lambda record, m=metric: record[m])
-            epochs = np.arange(1, values.shape[1] + 1)
-            mean = values.mean(axis=0)
-            axis.plot(epochs, mean, marker="o" if len(epochs) < 15 else None, label=procedure)
-            if values.shape[0] > 1:
-                std = values.std(axis=0, ddof=1)
-                axis.fill_between(epochs, mean - std, mean + std, alpha=0.2)
-        axis.set_xlabel("epoch")
-        axis.set_ylabel(label)
-        axis.grid(alpha=0.3)
-    axes[0].legend()
-    figure.suptitle(_title(result))
-    figure.savefig(path, dpi=120)
-    return path
+    seeds = len(result["seeds"])
+    with matplotlib.rc_context(FONTS):
+        figure, axes = _grid(len(panels))
+        for axis, (metric, label) in zip(axes, panels):
+            for index, procedure in enumerate(result["procedures"]):
+                values = _curves(result, procedure, lambda record, m=metric: record[m])
+                epochs = np.arange(1, values.shape[1] + 1)
+                mean = values.mean(axis=0)
+                colour = f"C{index % 10}"
+                axis.plot(epochs, mean, marker=_marker(len(epochs)), color=colour, label=procedure)
+                if values.shape[0] > 1:
+                    std = values.std(axis=0, ddof=1)
+                    axis.fill_between(epochs, mean - std, mean + std, color=colour, alpha=0.15, linewidth=0)
+            _epoch_axis(axis, label, len(epochs))
+        handles, labels = axes[0].get_legend_handles_labels()
+        if seeds > 1:
+            handles.append(Patch(facecolor="grey", alpha=0.3))
+            labels.append(band_label(seeds))
+        axes[0].legend(handles, labels)
+        figure.suptitle(_title(result))
+    return figure
 
 
-def plot_alphas(result: dict, path: Path) -> Optional[Path]:
-    """One panel per MLTP procedure: each layer's alpha at the end of each epoch (mean over seeds).
+def plot_accuracy(result: dict, path: Path) -> Path:
+    """Write :func:`accuracy_figure` to ``path``."""
+    return _save(accuracy_figure(result), path)
 
-    Returns ``None`` (and writes nothing) when no procedure learns alphas.
-    """
-    procedures = [
+
+def _alpha_procedures(result: dict) -> List[str]:
+    return [
         procedure
         for procedure in result["procedures"]
         if all("alphas" in run["history"][0] for run in result["runs"][procedure].values())
     ]
+
+
+def _layers(result: dict, procedure: str) -> List[str]:
+    first_run = next(iter(result["runs"][procedure].values()))
+    return list(first_run["history"][0]["alphas"])
+
+
+def layer_order(result: dict, procedures: Sequence[str]) -> List[str]:
+    """Every layer that has an alpha in any of ``procedures``, in the model's order.
+
+    The procedure with the most layers gives the order; layers only the others have follow.
+    """
+    by_size = sorted(procedures, key=lambda procedure: -len(_layers(result, procedure)))
+    order: List[str] = []
+    for procedure in by_size:
+        order += [layer for layer in _layers(result, procedure) if layer not in order]
+    return order
+
+
+def layer_colours(layers: Sequence[str]) -> Dict[str, tuple]:
+    """One colour per layer name: the tab10 colours for a few layers, else by depth (viridis)."""
+    import matplotlib
+
+    if len(layers) <= MAX_LEGEND_LAYERS:
+        cycle = matplotlib.colormaps["tab10"]
+        return {layer: cycle(index) for index, layer in enumerate(layers)}
+    depth = matplotlib.colormaps[DEPTH_COLOURMAP]
+    return {layer: depth(index / (len(layers) - 1)) for index, layer in enumerate(layers)}
+
+
+def alphas_figure(result: dict):
+    """One panel per MLTP procedure: each layer's alpha at the end of each epoch (mean over seeds).
+
+    A layer has the same colour in every panel. Up to ten layers are named in each panel's legend;
+    more are coloured by depth, with a colour bar. ``None`` when no procedure learns alphas.
+    """
+    import matplotlib
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    procedures = _alpha_procedures(result)
     if not procedures:
         return None
-    figure, axes = _figure(len(procedures), width=4.5)
-    for axis, procedure in zip(axes, procedures):
-        first_run = next(iter(result["runs"][procedure].values()))
-        for layer in first_run["history"][0]["alphas"]:
-            values = _curves(result, procedure, lambda record, name=layer: np.mean(record["alphas"][name]))
-            epochs = np.arange(1, values.shape[1] + 1)
-            axis.plot(epochs, values.mean(axis=0), marker="o" if len(epochs) < 15 else None, label=layer)
-        axis.set_title(procedure)
-        axis.set_xlabel("epoch")
-        axis.set_ylabel("alpha")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize="small")
-    figure.suptitle(f"alpha per layer, {_title(result)}")
-    figure.savefig(path, dpi=120)
-    return path
+    order = layer_order(result, procedures)
+    colours = layer_colours(order)
+    with matplotlib.rc_context(FONTS):
+        figure, axes = _grid(len(procedures))
+        for axis, procedure in zip(axes, procedures):
+            for layer in _layers(result, procedure):
+                values = _curves(
+                    result, procedure, lambda record, name=layer: np.mean(record["alphas"][name])
+                )
+                epochs = np.arange(1, values.shape[1] + 1)
+                axis.plot(
+                    epochs,
+                    values.mean(axis=0),
+                    marker=_marker(len(epochs)),
+                    color=colours[layer],
+                    label=layer,
+                )
+            axis.set_title(procedure)
+            _epoch_axis(axis, "alpha", len(epochs))
+            if len(order) <= MAX_LEGEND_LAYERS:
+                axis.legend()
+        if len(order) > MAX_LEGEND_LAYERS:
+            mappable = ScalarMappable(Normalize(0, len(order) - 1), matplotlib.colormaps[DEPTH_COLOURMAP])
+            bar = figure.colorbar(mappable, ax=axes, shrink=0.9)
+            bar.set_label(f"layer index: 0 = {order[0]}, {len(order) - 1} = {order[-1]}")
+        figure.suptitle(f"alpha per layer, {_title(result)}")
+    return figure
+
+
+def plot_alphas(result: dict, path: Path) -> Optional[Path]:
+    """Write :func:`alphas_figure` to ``path``; ``None``, writing nothing, when no procedure learns alphas."""
+    figure = alphas_figure(result)
+    return None if figure is None else _save(figure, path)

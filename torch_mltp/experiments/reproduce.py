@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -25,6 +26,8 @@ from .training import (
     resolve_device,
     training_step,
 )
+
+log = logging.getLogger(__name__)
 
 INPUT_SHAPES = {
     "mnist1d": (40,),
@@ -100,40 +103,58 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
+def plan_lines(
+    table: str, rows: Sequence[TableRow], seeds: Sequence[int], device: torch.device, timing_steps: int
+) -> Iterator[str]:
+    """What ``reproduce`` will run and (``timing_steps > 0``) roughly how long it takes on ``device``, line
+    by line: each setting's line comes as soon as its steps are timed, so that a caller can show progress.
+
+    The estimate times one warm-up step and ``timing_steps`` steps of every (model, procedure) on a random
+    batch, and multiplies by the steps of a run: training only, on this machine with its current load.
+    """
+    settings = [(row.experiment, procedure) for row in rows for procedure in row.procedures]
+    first = rows[0].experiment
+    yield f"{table}: {TABLES[table].title}"
+    yield (
+        f"{len(settings)} (model, procedure) settings x {len(seeds)} seed(s) {tuple(seeds)} = "
+        f"{len(settings) * len(seeds)} runs "
+        f"of {first.recipe.epochs} epochs, {steps_per_epoch(first)} steps per epoch "
+        f"(batch {first.recipe.batch_size}, {TRAIN_SET_SIZES[first.dataset]} training samples)"
+    )
+    for row in rows:
+        yield f"{row.experiment.model}: {row.experiment.recipe}"
+    yield f"device: {describe_device(device)}"
+    if timing_steps <= 0:
+        yield "no time estimate (--timing-steps 0)"
+        return
+    yield (
+        f"timing {len(settings)} settings: 1 warm-up step and {timing_steps} timed step(s) each "
+        f"on a random batch of {first.recipe.batch_size} (--timing-steps sets how many)"
+    )
+    started = time.perf_counter()
+    total = 0.0
+    width = len(str(len(settings)))
+    for index, (experiment, procedure) in enumerate(settings, start=1):
+        seconds = measure_step_seconds(experiment, procedure, device, timing_steps)
+        run = seconds * steps_per_epoch(experiment) * experiment.recipe.epochs
+        total += run * len(seeds)
+        yield (
+            f"  [{index:{width}d}/{len(settings)}] {experiment.model:<9} {procedure:<10} "
+            f"{seconds:8.4f} s/step  ~{_hours(run)} per run"
+        )
+    yield (
+        f"estimated total: ~{_hours(total)} on {describe_device(device)} (training steps only, timed in "
+        f"{time.perf_counter() - started:.0f} s over {timing_steps} step(s) per setting after a warm-up "
+        "step; test evaluation and data loading come on top; the estimate depends on the machine and "
+        "on what else runs on it)"
+    )
+
+
 def plan(
     table: str, rows: Sequence[TableRow], seeds: Sequence[int], device: torch.device, timing_steps: int
 ) -> str:
-    """What ``reproduce`` will run, and (``timing_steps > 0``) roughly how long it takes on ``device``."""
-    settings = sum(len(row.procedures) for row in rows)
-    first = rows[0].experiment
-    lines = [
-        f"{table}: {TABLES[table].title}",
-        f"{settings} (model, procedure) settings x {len(seeds)} seed(s) {tuple(seeds)} = "
-        f"{settings * len(seeds)} runs "
-        f"of {first.recipe.epochs} epochs, {steps_per_epoch(first)} steps per epoch "
-        f"(batch {first.recipe.batch_size}, {TRAIN_SET_SIZES[first.dataset]} training samples)",
-        *(f"{row.experiment.model}: {row.experiment.recipe}" for row in rows),
-        f"device: {describe_device(device)}",
-    ]
-    if timing_steps <= 0:
-        lines.append("no time estimate (--timing-steps 0)")
-        return "\n".join(lines)
-    total = 0.0
-    for row in rows:
-        experiment = row.experiment
-        for procedure in row.procedures:
-            seconds = measure_step_seconds(experiment, procedure, device, timing_steps)
-            run = seconds * steps_per_epoch(experiment) * experiment.recipe.epochs
-            total += run * len(seeds)
-            lines.append(
-                f"  {experiment.model:<9} {procedure:<10} {seconds:8.4f} s/step  ~{_hours(run)} per run"
-            )
-    lines.append(
-        f"estimated total: ~{_hours(total)} (training steps only, timed over {timing_steps} step(s) "
-        "per setting "
-        "on random batches after a warm-up step; test evaluation and data loading come on top)"
-    )
-    return "\n".join(lines)
+    """:func:`plan_lines` as one text."""
+    return "\n".join(plan_lines(table, rows, seeds, device, timing_steps))
 
 
 def reproduce(
@@ -145,13 +166,14 @@ def reproduce(
     timing_steps: int,
     dry_run: bool,
 ) -> Optional[List[dict]]:
-    """Print the plan, then (unless ``dry_run``) run every row's comparison under ``root``.
+    """Print the plan as it is made, then (unless ``dry_run``) run every row's comparison under ``root``.
 
     Each model gets its own folder ``<dataset>-<model>`` with its table and figures; ``root``
     gets the combined table (with the paper's numbers) and results.json.
     """
     data = None if dry_run else load_dataset(rows[0].experiment.dataset, options.data_root, options.download)
-    print(plan(table, rows, seeds, resolve_device(options.device), timing_steps), flush=True)
+    for line in plan_lines(table, rows, seeds, resolve_device(options.device), timing_steps):
+        log.info("%s", line)  # line by line: timing every setting takes a while
     if dry_run:
         return None
     results = []

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import math
 import platform
 import random
@@ -39,6 +40,8 @@ from . import distributed
 from .distributed import SINGLE_PROCESS, Processes
 from .recipes import MLTP_MODES, Recipe
 from .runs import TENSORBOARD_DIR, ExperimentError, RunFolder, json_normal
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Experiment",
@@ -546,7 +549,7 @@ def train_run(
             if writer is not None:
                 _log_tensorboard(writer, record)
             if options.log_epochs:
-                print(_epoch_line(procedure, seed, record, recipe.epochs), flush=True)
+                log.info("%s", _epoch_line(procedure, seed, record, recipe.epochs))
     if writer is not None:
         writer.close()
     if processes.is_main:
@@ -611,6 +614,7 @@ def _workers(options: RunOptions, device: torch.device) -> int:
 def _timed_evaluation(
     model: nn.Module, loader: DataLoader, device: torch.device, experiment: Experiment, processes: Processes
 ) -> dict:
+
     started = time.perf_counter()
     metrics = evaluate(
         model, loader, device, experiment.recipe.topk, experiment.limit_test_batches, processes

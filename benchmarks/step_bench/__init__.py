@@ -1,0 +1,1 @@
+"""The code of ``benchmarks/bench_step.py`` (the entry point; see its docstring for the modules)."""
