@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,9 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 from torch_mltp import MLTPOptimizer, task_closures
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from step_bench.opcount import SYNC, data_ops
 
 
 def mlp(seed=0):
@@ -169,7 +174,7 @@ BAD_CHECKPOINTS = {
     "bogus policy": (lambda s: s["mltp"].update(nonfinite="bogus"), "nonfinite must be one of"),
     "negative eta": (lambda s: s["mltp"].update(eta=-1.0), "eta must be a finite number >= 0"),
     "other layers": (lambda s: s["mltp"]["alphas"].pop("2"), "alphas for layers"),
-    "alpha state shape": (lambda s: s["state"][4].update(exp_avg=torch.zeros(2)), "exp_avg"),
+    "alpha state shape": (lambda s: s["state"][4].update(exp_avg=torch.zeros(3)), "exp_avg"),
     "group count": (lambda s: s["param_groups"].pop(), "param groups"),
 }
 
@@ -407,3 +412,105 @@ def test_what_fires_for_tensor_hooks_and_post_accumulate_hooks(mode, calls):
     model[0].weight.register_post_accumulate_grad_hook(lambda p: accumulated.append(p))
     opt.step(*closures(model, *batch()))
     assert len(seen) == calls and accumulated == []
+
+
+# -- non-finite steps skipped on the device ----------------------------------------------------------------
+
+
+def nan_loss(model, x, y):
+    return F.cross_entropy(model(x), y) * float("nan")
+
+
+def syncs_outside_the_base_step(run) -> int:
+    """``aten::_local_scalar_dense`` (a host synchronisation on a GPU) outside the base optimizer's step."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        run()
+    count = 0
+    for event in profile.events():
+        if event.name != "aten::_local_scalar_dense":
+            continue
+        parent = event.cpu_parent
+        while parent is not None and not (
+            parent.name.startswith("Optimizer.step#") and "MLTPOptimizer" not in parent.name
+        ):
+            parent = parent.cpu_parent
+        count += parent is None
+    return count
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_skip_with_a_fused_base_optimizer_needs_no_host_synchronisation(fused):
+    model = mlp()
+    base = torch.optim.Adam(model.parameters(), lr=1e-2, fused=fused)
+    opt = MLTPOptimizer(base, model, mode="fo", alpha_init=0.05, nonfinite="skip")
+    x, y = batch()
+    opt.step(*closures(model, x, y))
+    opt.zero_grad()
+    before, state_before = values(model, opt), state_bytes(opt)
+
+    def bad_step():
+        opt.zero_grad()
+        opt.step(lambda: nan_loss(model, x[:4], y[:4]), lambda: F.cross_entropy(model(x[4:]), y[4:]))
+
+    syncs = syncs_outside_the_base_step(bad_step)
+    assert syncs == 0 if fused else syncs >= 1  # the host check (and a search for the culprit)
+    assert same(values(model, opt), before) and opt.skipped_steps == 1
+    opt.skipped_steps = 0
+    assert state_bytes(opt) == state_before
+    good = syncs_outside_the_base_step(lambda: (opt.zero_grad(), opt.step(*closures(model, x, y))))
+    assert good == (0 if fused else 1) and not same(values(model, opt), before)
+
+
+def test_skip_runs_task_j_at_w_when_task_i_gradient_is_not_finite():
+    """BatchNorm's running statistics never see non-finite lookahead weights, so training can go on."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).double()
+    opt = MLTPOptimizer(
+        torch.optim.Adam(model.parameters()), model, mode="fo", alpha_init=0.5, nonfinite="skip"
+    )
+    x, y = batch()
+
+    def overflowing_i():
+        hidden = model[0](x[:4])
+        hidden.register_hook(lambda grad: grad * float("inf"))
+        return F.cross_entropy(model[1:](hidden), y[:4])
+
+    reference = copy.deepcopy(model)
+    opt.step(overflowing_i, lambda: F.cross_entropy(model(x[4:]), y[4:]))
+    assert opt.skipped_steps == 1
+    with torch.no_grad():  # the statistics of two forward passes at w
+        reference(x[:4])
+        reference(x[4:])
+    torch.testing.assert_close(model[1].running_mean, reference[1].running_mean)
+    torch.testing.assert_close(model[1].running_var, reference[1].running_var)
+
+
+def test_fo_extra_operations_do_not_grow_with_the_number_of_layers():
+    """The first-order step's data-touching operations beyond two plain half-batch passes are a small
+    constant, not one or more per tensor (each is a kernel launch on a GPU), with one host
+    synchronisation (the non-finite check); counted with torch.profiler as benchmarks/count_ops.py does."""
+
+    def counts(depth, use_mltp):
+        torch.manual_seed(0)
+        layers = [m for _ in range(depth) for m in (nn.Linear(8, 8), nn.Tanh())]
+        model = nn.Sequential(*layers, nn.Linear(8, 3))
+        base = torch.optim.Adam(model.parameters(), foreach=True)
+        opt = MLTPOptimizer(base, model, mode="fo") if use_mltp else base
+
+        def step(x, y):
+            opt.zero_grad()
+            if use_mltp:
+                opt.step(*closures(model, x, y))
+                return
+            for a, b in zip(x.chunk(2), y.chunk(2)):
+                F.cross_entropy(model(a), b).backward()
+            opt.step()
+
+        return data_ops(step, torch.randn(8, 8), torch.randint(0, 3, (8,)))
+
+    extra, syncs = {}, {}
+    for depth in (2, 16):
+        mltp, halves = counts(depth, True), counts(depth, False)
+        syncs[depth] = mltp.pop(SYNC) - halves.pop(SYNC)
+        extra[depth] = sum((mltp - halves).values())
+    assert extra[2] == extra[16] <= 40 and syncs == {2: 1, 16: 1}, (extra, syncs)

@@ -129,15 +129,16 @@ def _check_base_state(opt: MLTPOptimizer, base_state: dict) -> None:
     saved_group = groups[-1]
     if not isinstance(saved_group, dict) or not saved_group.get(ALPHA_GROUP_KEY):
         raise ValueError("the state dict's last param group is not the alphas' group")
-    if len(saved_group.get("params", ())) != len(opt.alphas):
+    buckets = opt._alphas.buckets
+    if len(saved_group.get("params", ())) != len(buckets):
         raise ValueError(
             f"the state dict's alpha group holds {len(saved_group.get('params', ()))} tensors, "
-            f"this optimizer has {len(opt.alphas)} alphas"
+            f"this optimizer keeps its alphas in {len(buckets)}"
         )
-    for index, (name, alpha) in zip(saved_group["params"], opt.alphas.items()):
+    for index, bucket in zip(saved_group["params"], buckets):
         for key, value in base_state["state"].get(index, {}).items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != alpha.shape:
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != bucket.shape:
                 raise ValueError(
-                    f"the optimizer state {key!r} of alpha {name!r} is shaped {tuple(value.shape)}, "
-                    f"expected {tuple(alpha.shape)}"
+                    f"the optimizer state {key!r} of the alphas is shaped {tuple(value.shape)}, "
+                    f"expected {tuple(bucket.shape)}"
                 )

@@ -43,6 +43,14 @@ Average = Callable[[Sequence[Optional[Tensor]], Sequence[Tensor]], list[Optional
 zeros shaped like ``like[k]``; it stays ``None`` when it is ``None`` in every process)."""
 
 
+class Workspace(NamedTuple):
+    """What a caller may keep from step to step to save work: storage for ``w'`` (first order) and
+    the alphas' segment lengths on the device (see :func:`_alpha_gradients`)."""
+
+    lookahead: Optional[Sequence[Tensor]] = None
+    alpha_segments: Optional[Tensor] = None
+
+
 class MLTPGradients(NamedTuple):
     """Everything one MLTP step computes; every tensor is detached.
 
@@ -131,6 +139,7 @@ def mltp_gradients(
     *,
     loss_scale: Optional[Tensor] = None,
     average: Optional[Average] = None,
+    guard_lookahead: bool = False,
 ) -> MLTPGradients:
     """Compute ``J`` (eq. 4) and its exact gradients with respect to ``w`` and ``alpha``.
 
@@ -148,6 +157,9 @@ def mltp_gradients(
             lookahead is skipped (``w' = w``) so that task j's forward pass sees sane weights;
             the non-finite gradients are still returned for the scaler to see.
         average: averages gradients over processes whose tasks together form task i and task j.
+        guard_lookahead: when ``g_i`` is not finite, run task j at ``w`` (``w' = w``, decided on the
+            device) so that its forward pass, and BatchNorm's running statistics, never see
+            non-finite weights; always on with ``loss_scale``.
     """
     return _mltp_gradients(
         closure_i,
@@ -158,10 +170,11 @@ def mltp_gradients(
         alpha_of,
         eta,
         first_order,
-        alpha_grads,
-        loss_scale,
-        average,
-        None,
+        alpha_grads=alpha_grads,
+        loss_scale=loss_scale,
+        average=average,
+        guard_lookahead=guard_lookahead,
+        workspace=Workspace(),
     )
 
 
@@ -174,12 +187,14 @@ def _mltp_gradients(
     alpha_of: Sequence[int],
     eta: float,
     first_order: bool,
+    *,
     alpha_grads: bool,
     loss_scale: Optional[Tensor],
     average: Optional[Average],
-    lookahead_out: Optional[Sequence[Tensor]],
+    guard_lookahead: bool,
+    workspace: Workspace,
 ) -> MLTPGradients:
-    """:func:`mltp_gradients`, with ``lookahead_out``: storage for ``w'`` that the caller keeps."""
+    """:func:`mltp_gradients`, with a :class:`Workspace` that the caller keeps between steps."""
     with torch.enable_grad():
         loss_i = evaluate_loss(closure_i, "i")
         grads_i = _differentiate(loss_i, params, loss_scale, "i", create_graph=not first_order)
@@ -192,10 +207,11 @@ def _mltp_gradients(
             loss_i, *values_i = average([loss_i.detach(), *values_i], [loss_i, *params])
         g_shift = [_value_or_zeros(values_i[k], params[k]) for k in shifted]
         direction, inner_alphas = g_shift, step_alphas
-        if loss_scale is not None:
+        if loss_scale is not None or guard_lookahead:
             direction = _zero_unless_finite(g_shift)
+        if loss_scale is not None:
             inner_alphas = _scaled_alphas(alphas, alpha_of, loss_scale.reciprocal())
-        w_shifted = lookahead(shifted_params, direction, inner_alphas, lookahead_out)
+        w_shifted = lookahead(shifted_params, direction, inner_alphas, workspace.lookahead)
     with torch.enable_grad(), swapped_storage(shifted_params, w_shifted):
         loss_j = evaluate_loss(closure_j, "j")
         grads_j = _differentiate(loss_j, params, loss_scale, "j", create_graph=False)
@@ -217,7 +233,9 @@ def _mltp_gradients(
         alpha_result = None
         if alpha_grads:
             scale = -eta if loss_scale is None else -eta / loss_scale
-            alpha_result = _alpha_gradients(h_shift, g_shift, alphas, alpha_of, scale)
+            alpha_result = _alpha_gradients(
+                h_shift, g_shift, alphas, alpha_of, scale, workspace.alpha_segments
+            )
         param_grads = _combine(values_i, grads_j, hessian_term, eta)
         objective = loss_i.detach() + eta * loss_j.detach()
     return MLTPGradients(objective, loss_i.detach(), loss_j.detach(), param_grads, alpha_result)
@@ -349,22 +367,60 @@ def _alpha_gradients(
     alphas: Sequence[Tensor],
     alpha_of: Sequence[int],
     scale: float | Tensor,
+    segments: Optional[Tensor] = None,
 ) -> list[Optional[Tensor]]:
     """``dJ/dalpha = -eta * <h_j, g_i>`` over the entries each alpha scales (eq. 4 differentiated).
 
     ``scale`` is ``-eta`` (divided by the loss scale when the gradients are scaled).  A scalar
     alpha gets the inner product summed over its tensors; an element-wise alpha the element-wise
     product.  An alpha that scales no tensor of this step gets ``None``.
+
+    Scalar alphas whose tensors come in alpha order (as :class:`MLTPOptimizer` lays them out) take
+    one segmented sum over the concatenated products, a fixed number of operations however many
+    tensors there are; ``segments`` (each alpha's number of entries, on the device) may be passed in.
     """
-    sums: list[Optional[Tensor]] = [None] * len(alphas)
+    grads: list[Optional[Tensor]] = [None] * len(alphas)
+    if not h_shift:
+        return grads
+    used = sorted(set(alpha_of))
+    segmented = (
+        all(alphas[a].dim() == 0 for a in used)
+        and list(alpha_of) == sorted(alpha_of)
+        and len({h.device for h in h_shift}) == 1
+    )
+    if segmented:
+        if segments is None:
+            lengths = alpha_segment_lengths(h_shift, alpha_of, len(alphas))
+            segments = torch.tensor(lengths, device=h_shift[0].device)
+        products = torch.cat([p.reshape(-1) for p in torch._foreach_mul(h_shift, g_shift)])
+        # unsafe: the lengths add up by construction, and checking them would synchronise with the device
+        per_alpha = torch.segment_reduce(products, "sum", lengths=segments, unsafe=True) * scale
+        for a, value in zip(range(len(alphas)), per_alpha.unbind()):
+            grads[a] = value if a in used else None
+        return grads
     for h, g, a in zip(h_shift, g_shift, alpha_of):
         product = torch.vdot(h.reshape(-1), g.reshape(-1)) if alphas[a].dim() == 0 else h * g
-        sums[a] = product if sums[a] is None else sums[a] + product
-    return [None if s is None else (s * scale).to(alpha.dtype) for s, alpha in zip(sums, alphas)]
+        grads[a] = product if grads[a] is None else grads[a] + product
+    return [None if g is None else g * scale for g in grads]
+
+
+def alpha_segment_lengths(shifted: Sequence[Tensor], alpha_of: Sequence[int], num_alphas: int) -> list[int]:
+    """How many entries each alpha scales (0 for an alpha with no tensor in ``shifted``)."""
+    lengths = [0] * num_alphas
+    for tensor, a in zip(shifted, alpha_of):
+        lengths[a] += tensor.numel()
+    return lengths
 
 
 def _value_or_zeros(grad: Optional[Tensor], param: Tensor) -> Tensor:
     return torch.zeros_like(param) if grad is None else grad
+
+
+def nonfinite_flag(result: MLTPGradients) -> Tensor:
+    """1.0 (float32, on the device) when ``L_i``, ``L_j`` or a gradient is not finite, else 0.0."""
+    grads = [g for g in (*result.param_grads, *(result.alpha_grads or ())) if g is not None]
+    norms = torch._foreach_norm([result.loss_i, result.loss_j, *grads])
+    return (~torch.stack(norms).float().sum().isfinite()).float()
 
 
 def first_nonfinite(result: MLTPGradients) -> Optional[str]:

@@ -5,16 +5,25 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
+from .alphas import AlphaStore
 from .checkpoint import ALPHA_GROUP_KEY, MLTP_STATE_KEY, NONFINITE_POLICIES, restore, snapshot
 from .distributed import GradientAverager, broadcast_from_first_rank, process_group_of
-from .functional import Closure, MLTPGradients, _mltp_gradients, first_nonfinite
+from .functional import (
+    Closure,
+    MLTPGradients,
+    Workspace,
+    _mltp_gradients,
+    alpha_segment_lengths,
+    first_nonfinite,
+    nonfinite_flag,
+)
 from .selection import Mode, resolve_mode, select_layers, unwrap_model
 
 ALPHA_GRANULARITIES = ("layer", "tensor", "element")
@@ -40,7 +49,11 @@ class _Progress:
     skip_pending: bool = False
     last_result: Optional[MLTPStepResult] = None
     warned_unheld: bool = False
+    alphas_with_gradient: set = field(default_factory=set)
     lookahead_storage: dict = field(default_factory=dict)
+    segment_lengths: dict = field(default_factory=dict)
+    nonfinite_on_device: Optional[Tensor] = None  # 1.0 when the accumulated gradients are not finite
+    skipped_on_device: Optional[Tensor] = None
 
 
 class _Layout(NamedTuple):
@@ -51,6 +64,7 @@ class _Layout(NamedTuple):
     shifted: list
     alpha_of: list
     positions: list
+    alpha_segments: Optional[Tensor]  # entries per alpha, on the device (scalar alphas only)
 
 
 class MLTPOptimizer(torch.optim.Optimizer):
@@ -170,32 +184,30 @@ class MLTPOptimizer(torch.optim.Optimizer):
         ]
         _check_selected_dtypes(layers)
 
-        self.alphas: dict[str, Tensor] = {}
+        names, shapes, likes = [], [], []
         self._shifted_params: list[Tensor] = []
         self._alpha_of: list[int] = []
         for layer in layers:
             alpha_index = None
             for param_name, param in zip(layer.param_names, layer.params):
                 if alpha_per != "layer" or alpha_index is None:
-                    key = layer.name if alpha_per == "layer" else param_name
-                    shape = param.shape if alpha_per == "element" else ()
-                    self.alphas[key] = _draw_alpha(
-                        shape, param, alpha_mean, alpha_std, alpha_min, learn_alpha
-                    )
-                    alpha_index = len(self.alphas) - 1
+                    names.append(layer.name if alpha_per == "layer" else param_name)
+                    shapes.append(param.shape if alpha_per == "element" else torch.Size())
+                    likes.append(param)
+                    alpha_index = len(names) - 1
                 self._shifted_params.append(param)
                 self._alpha_of.append(alpha_index)
-        self._alpha_list = list(self.alphas.values())
+        self._alphas = AlphaStore(names, shapes, likes, alpha_mean, alpha_std, alpha_min, learn_alpha)
         if self._averager is not None and self._averager.world_size > 1:
-            broadcast_from_first_rank(self._alpha_list, self._averager.process_group)
+            broadcast_from_first_rank(self._alphas.buckets, self._averager.process_group)
 
         if learn_alpha:
-            alpha_group: dict[str, Any] = {"params": self._alpha_list, ALPHA_GROUP_KEY: True}
+            alpha_group: dict[str, Any] = {"params": list(self._alphas.buckets), ALPHA_GROUP_KEY: True}
             alpha_group["lr"] = alpha_lr if alpha_lr is not None else _base_lr(base_optimizer)
             if "weight_decay" in base_optimizer.defaults:
                 alpha_group["weight_decay"] = 0.0
             base_optimizer.add_param_group(alpha_group)
-            _probe_alpha_step(base_optimizer, self._alpha_list)
+            _probe_alpha_step(base_optimizer, self._alphas.buckets)
 
         # Optimizer.__init__ sets up the hook machinery; the groups and the state are then the
         # base optimizer's own objects, as in timm's Lookahead and the SAM wrapper.
@@ -220,13 +232,21 @@ class MLTPOptimizer(torch.optim.Optimizer):
         return self.mode.first_order
 
     @property
+    def alphas(self) -> dict[str, Tensor]:
+        """Each selected layer's (or tensor's) step size by name: views of the flat tensors that
+        the base optimizer updates; ``.grad`` holds ``dJ/dalpha`` after :meth:`backward`."""
+        return self._alphas.views
+
+    @property
     def skipped_steps(self) -> int:
         """Steps skipped because of non-finite values (``nonfinite="skip"``)."""
-        return self._progress.skipped_steps
+        on_device = self._progress.skipped_on_device
+        return self._progress.skipped_steps + (0 if on_device is None else int(on_device.item()))
 
     @skipped_steps.setter
     def skipped_steps(self, value: int) -> None:
         self._progress.skipped_steps = value
+        self._progress.skipped_on_device = None
 
     @property
     def last_result(self) -> Optional[MLTPStepResult]:
@@ -283,22 +303,31 @@ class MLTPOptimizer(torch.optim.Optimizer):
                 closure_j,
                 layout.params,
                 layout.shifted,
-                self._alpha_list,
+                self._alphas.values,
                 layout.alpha_of,
                 self._eta,
                 self.mode.first_order,
-                self.learn_alpha,
-                loss_scale,
-                self._averager if global_tasks else None,
-                self._lookahead_buffers(layout),
+                alpha_grads=self.learn_alpha,
+                loss_scale=loss_scale,
+                average=self._averager if global_tasks else None,
+                guard_lookahead=self.nonfinite == "skip",
+                workspace=Workspace(self._lookahead_buffers(layout), layout.alpha_segments),
             )
         if self._averager is not None and not global_tasks:
-            result = _average_local(self._averager, result, self._eta, layout.params, self._alpha_list)
+            result = _average_local(self._averager, result, self._eta, layout.params, self._alphas.values)
 
-        bad = first_nonfinite(result) if scaler is None else None
-        self._progress.last_result = MLTPStepResult(
-            result.objective, result.loss_i, result.loss_j, bad is not None
-        )
+        progress = self._progress
+        if scaler is None and self._skips_on_device:
+            flag = nonfinite_flag(result)  # judged by the fused base step, no host synchronisation
+            progress.nonfinite_on_device = (
+                flag
+                if progress.nonfinite_on_device is None
+                else (torch.maximum(progress.nonfinite_on_device, flag))
+            )
+            bad = None
+        else:
+            bad = first_nonfinite(result) if scaler is None else None
+        progress.last_result = MLTPStepResult(result.objective, result.loss_i, result.loss_j, bad is not None)
         if bad is not None:
             if self.nonfinite == "raise":
                 raise FloatingPointError(
@@ -307,10 +336,13 @@ class MLTPOptimizer(torch.optim.Optimizer):
                 )
             self._progress.skip_pending = True
             return result.objective
-        _accumulate(
-            layout.params + self._alpha_list,
-            result.param_grads + (result.alpha_grads or [None] * len(self._alpha_list)),
-        )
+        _accumulate(layout.params, result.param_grads)
+        if result.alpha_grads is not None:
+            _accumulate(self._alphas.buckets, self._alphas.bucket_gradients(result.alpha_grads))
+            self._progress.alphas_with_gradient.update(
+                a for a, g in enumerate(result.alpha_grads) if g is not None
+            )
+            self._alphas.publish_gradients(self._progress.alphas_with_gradient)
         return result.objective
 
     # -- the step -----------------------------------------------------------------------------
@@ -356,16 +388,49 @@ class MLTPOptimizer(torch.optim.Optimizer):
             progress.skip_pending = False
             progress.skipped_steps += 1
             return loss
-        self.base_optimizer.step()
+        resting = [a for a in range(len(self._alphas.spans)) if a not in progress.alphas_with_gradient]
+        holding = (
+            self._alphas.hold(resting, self.base_optimizer.state) if self.learn_alpha and resting else None
+        )
+        with holding or nullcontext(), self._device_skip():  # frozen layers' alphas must not move
+            self.base_optimizer.step()
         if self.alpha_min is not None and self.learn_alpha:
-            with torch.no_grad():
-                torch._foreach_clamp_min_(self._alpha_list, self.alpha_min)
+            self._alphas.clamp(self.alpha_min)
         return loss
+
+    @property
+    def _skips_on_device(self) -> bool:
+        """``nonfinite="skip"`` with a fused base optimizer: the fused kernel skips the update when told
+        so by a device flag (as under ``GradScaler``), so no step waits for the device."""
+        return self.nonfinite == "skip" and bool(
+            getattr(self.base_optimizer, "_step_supports_amp_scaling", False)
+        )
+
+    @contextmanager
+    def _device_skip(self) -> Iterator[None]:
+        """Hand the non-finite flag of the accumulated gradients to a fused base step."""
+        progress = self._progress
+        flag = progress.nonfinite_on_device
+        if flag is None:
+            yield
+            return
+        self.base_optimizer.found_inf = flag
+        try:
+            yield
+        finally:
+            del self.base_optimizer.found_inf
+            progress.nonfinite_on_device = None
+            progress.skipped_on_device = (
+                flag if progress.skipped_on_device is None else progress.skipped_on_device + flag
+            )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients of the weights and of the alphas (and a pending skipped step)."""
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
         self._progress.skip_pending = False
+        self._progress.nonfinite_on_device = None
+        self._progress.alphas_with_gradient.clear()
+        self._alphas.publish_gradients(self._progress.alphas_with_gradient)
 
     # -- the step's tensors -----------------------------------------------------------------------
     def _layout(self) -> _Layout:
@@ -390,7 +455,22 @@ class MLTPOptimizer(torch.optim.Optimizer):
                     "Build the MLTPOptimizer from a base optimizer that already holds them.",
                     stacklevel=3,
                 )
-        return _Layout(params, shifted, alpha_of, positions)
+        return _Layout(params, shifted, alpha_of, positions, self._alpha_segments(params, shifted, alpha_of))
+
+    def _alpha_segments(
+        self, params: list[Tensor], shifted: list[int], alpha_of: list[int]
+    ) -> Optional[Tensor]:
+        """The entries per scalar alpha as a device tensor, made once per layout (no copy per step)."""
+        if self.alpha_per == "element" or not shifted:
+            return None
+        lengths = tuple(
+            alpha_segment_lengths([params[k] for k in shifted], alpha_of, len(self._alphas.spans))
+        )
+        cache = self._progress.segment_lengths
+        if lengths not in cache:
+            cache.clear()
+            cache[lengths] = torch.tensor(lengths, device=params[shifted[0]].device)
+        return cache[lengths]
 
     def _lookahead_buffers(self, layout: _Layout) -> Optional[list[Tensor]]:
         """Storage for ``w'`` kept between first-order steps, so no step allocates (and, on the CPU,
@@ -438,8 +518,15 @@ class MLTPOptimizer(torch.optim.Optimizer):
         """Everything but hooks (as ``torch.optim.Optimizer``) and the lookahead scratch storage, so
         that ``copy.deepcopy((model, opt))``, pickle and ``torch.save(opt)`` give a working copy."""
         state = {key: value for key, value in self.__dict__.items() if not key.endswith("_hooks")}
+        progress = self._progress
         state["_progress"] = _Progress(
-            self._progress.skipped_steps, self._progress.skip_pending, self._progress.last_result
+            progress.skipped_steps,
+            progress.skip_pending,
+            progress.last_result,
+            progress.warned_unheld,
+            set(progress.alphas_with_gradient),
+            nonfinite_on_device=progress.nonfinite_on_device,
+            skipped_on_device=progress.skipped_on_device,
         )
         return state
 
@@ -596,17 +683,6 @@ def _probe_alpha_step(base: torch.optim.Optimizer, alphas: list[Tensor]) -> None
                 a.grad = None
                 a.copy_(value)
                 base.state.pop(a, None)
-
-
-def _draw_alpha(
-    shape: torch.Size, like: Tensor, mean: float, std: float, minimum: Optional[float], learn: bool
-) -> Tensor:
-    alpha = torch.empty(shape, dtype=like.dtype, device=like.device)
-    with torch.no_grad():
-        alpha.normal_(mean, std) if std > 0 else alpha.fill_(mean)
-        if minimum is not None:
-            alpha.clamp_(min=minimum)
-    return alpha.requires_grad_(learn)
 
 
 def _parse_alpha_init(alpha_init: Any) -> tuple[float, float]:

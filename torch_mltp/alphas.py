@@ -1,0 +1,163 @@
+"""MLTP's step sizes: stored flat, one tensor per device and dtype, seen per layer through views.
+
+The base optimizer updates one tensor (a *bucket*) instead of one tiny tensor per layer, which keeps
+the cost of learning the alphas independent of the number of layers.  ``views[name]`` is the alpha of
+one layer (or tensor, or element block) as a view of its bucket: reading it, or its ``.grad`` after a
+backward pass, gives that layer's part.
+
+A layer that receives no gradient in a step (frozen) must not move, although its bucket does:
+:meth:`AlphaStore.hold` puts the values and the per-element optimizer state of such alphas back
+after the base step.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+class Span(NamedTuple):
+    """Where an alpha lives: its bucket, its slice there, and its shape."""
+
+    bucket: int
+    start: int
+    stop: int
+    shape: torch.Size
+
+
+class AlphaStore:
+    """The alphas of one optimizer: ``buckets`` (leaves the base optimizer updates) and ``views``.
+
+    ``shapes[a]`` and ``likes[a]`` give alpha ``a``'s shape and the tensor whose device and dtype it
+    takes; values are drawn in order from ``N(mean, std)`` and clamped at ``minimum``.
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        shapes: Sequence[torch.Size],
+        likes: Sequence[Tensor],
+        mean: float,
+        std: float,
+        minimum: Optional[float],
+        learn: bool,
+    ):
+        kinds: dict[tuple[torch.device, torch.dtype], int] = {}
+        sizes: list[int] = []
+        self.spans: list[Span] = []
+        for shape, like in zip(shapes, likes):
+            bucket = kinds.setdefault((like.device, like.dtype), len(kinds))
+            if bucket == len(sizes):
+                sizes.append(0)
+            numel = torch.Size(shape).numel()
+            self.spans.append(Span(bucket, sizes[bucket], sizes[bucket] + numel, torch.Size(shape)))
+            sizes[bucket] += numel
+        self.buckets = [
+            torch.empty(size, dtype=dtype, device=device) for (device, dtype), size in zip(kinds, sizes)
+        ]
+        self.names = list(names)
+        self.views = self._make_views()
+        with torch.no_grad():
+            for view in self.views.values():
+                view.normal_(mean, std) if std > 0 else view.fill_(mean)
+            if minimum is not None:
+                self.clamp(minimum)
+        for bucket in self.buckets:
+            bucket.requires_grad_(learn)
+
+    def _make_views(self) -> dict[str, Tensor]:
+        return {
+            name: self.buckets[span.bucket].detach()[span.start : span.stop].view(span.shape)
+            for name, span in zip(self.names, self.spans)
+        }
+
+    def __getstate__(self) -> dict:
+        return {"names": self.names, "spans": self.spans, "buckets": self.buckets}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.views = self._make_views()  # pickle does not keep views aliased with their base
+
+    @property
+    def values(self) -> list[Tensor]:
+        """The alphas in order (views)."""
+        return list(self.views.values())
+
+    def clamp(self, minimum: float) -> None:
+        with torch.no_grad():
+            torch._foreach_clamp_min_(self.buckets, minimum)
+
+    # -- gradients -----------------------------------------------------------------------------
+    def bucket_gradients(self, grads: Sequence[Optional[Tensor]]) -> list[Optional[Tensor]]:
+        """Per-alpha gradients (``None``: no gradient) laid out as the buckets; ``None`` for a bucket
+        none of whose alphas has a gradient."""
+        per_bucket: list[list[Tensor]] = [[] for _ in self.buckets]
+        present = [False] * len(self.buckets)
+        for grad, span in zip(grads, self.spans):
+            bucket = self.buckets[span.bucket]
+            if grad is None:
+                grad = torch.zeros(span.shape, dtype=bucket.dtype, device=bucket.device)
+            else:
+                present[span.bucket] = True
+            per_bucket[span.bucket].append(grad)
+        result: list[Optional[Tensor]] = []
+        for parts, used, bucket in zip(per_bucket, present, self.buckets):
+            if not used:
+                result.append(None)
+                continue
+            whole = _whole(parts)
+            if whole is None:
+                whole = torch.cat([part.reshape(-1) for part in parts])
+            result.append(whole if whole.dtype == bucket.dtype else whole.to(bucket.dtype))
+        return result
+
+    def publish_gradients(self, received: set) -> None:
+        """Give each view the matching part of its bucket's ``.grad``; ``None`` for the alphas that
+        received no gradient (``received`` holds the indices of those that did)."""
+        for a, (view, span) in enumerate(zip(self.views.values(), self.spans)):
+            grad = self.buckets[span.bucket].grad
+            if grad is None or a not in received:
+                view.grad = None
+            else:
+                view.grad = grad[span.start : span.stop].view(span.shape)
+
+    # -- alphas that must rest -----------------------------------------------------------------------
+    @contextmanager
+    def hold(self, resting: Sequence[int], state: dict) -> Iterator[None]:
+        """Inside the block the base optimizer steps; afterwards the ``resting`` alphas (and the parts
+        of their buckets' optimizer state shaped like a bucket) are as they were before it."""
+        kept = []
+        with torch.no_grad():
+            for a in resting:
+                span = self.spans[a]
+                bucket = self.buckets[span.bucket]
+                tensors = [bucket] + [
+                    value
+                    for value in state.get(bucket, {}).values()
+                    if isinstance(value, Tensor) and value.shape == bucket.shape
+                ]
+                kept += [(t, span, t[span.start : span.stop].clone()) for t in tensors]
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for tensor, span, value in kept:
+                    tensor[span.start : span.stop] = value
+
+
+def _whole(parts: list[Tensor]) -> Optional[Tensor]:
+    """The 1-D tensor whose consecutive scalar entries ``parts`` are (``unbind``'s pieces), else ``None``."""
+    base = parts[0]._base
+    if base is None or base.dim() != 1 or len(base) != len(parts):
+        return None
+    for offset, part in enumerate(parts):
+        if (
+            part._base is not base
+            or part.dim() != 0
+            or part.storage_offset() != base.storage_offset() + offset
+        ):
+            return None
+    return base
