@@ -220,23 +220,32 @@ def _mltp_gradients(
     with torch.no_grad():
         if average is not None:
             loss_j, *grads_j = average([loss_j.detach(), *grads_j], [loss_j, *params])
+        else:
+            grads_j = _owned(list(grads_j), params)
         h_shift = [_value_or_zeros(grads_j[k], params[k]) for k in shifted]
-        hessian_term: Sequence[Optional[Tensor]] = [None] * len(params)
-        if not first_order and shifted:
-            vectors = torch._foreach_mul(h_shift, step_alphas)
-            if loss_scale is not None:
-                torch._foreach_div_(vectors, loss_scale)
-            hessian_term = _hessian_vector_product([grads_i[k] for k in shifted], params, vectors)
-            if average is not None:
-                hessian_term = average(hessian_term, params)
-        del grads_i
         alpha_result = None
         if alpha_grads:
             scale = -eta if loss_scale is None else -eta / loss_scale
             alpha_result = _alpha_gradients(
                 h_shift, g_shift, alphas, alpha_of, scale, workspace.alpha_segments
             )
-        param_grads = _combine(values_i, grads_j, hessian_term, eta)
+        param_grads = _combine(values_i, (grads_j, eta))  # g_i + eta * h_j, in g_i's buffers
+        if not first_order and shifted:
+            # -eta * H_i[:, S] (alpha * h_j,S), accumulated into those buffers; the vectors take h_j's
+            vectors = [grads_j[k] for k in shifted]
+            present = [n for n, v in enumerate(vectors) if v is not None]
+            torch._foreach_mul_([vectors[n] for n in present], [step_alphas[n] for n in present])
+            torch._foreach_mul_(
+                [vectors[n] for n in present], -eta if loss_scale is None else -eta / loss_scale
+            )
+            outputs = [grads_i[k] for k in shifted]
+            del grads_i, grads_j, h_shift
+            vectors = [vectors[n] for n in present]  # handed over: the product frees each when used
+            param_grads = _accumulate_hessian_term(
+                [outputs[n] for n in present], vectors, params, param_grads
+            )
+            if average is not None:  # the shared terms are equal everywhere: average the sum
+                param_grads = average(param_grads, params)
         objective = loss_i.detach() + eta * loss_j.detach()
     return MLTPGradients(objective, loss_i.detach(), loss_j.detach(), param_grads, alpha_result)
 
@@ -323,41 +332,71 @@ def _scaled_alphas(alphas: Sequence[Tensor], alpha_of: Sequence[int], factor: Te
     return [scaled[a] for a in alpha_of]
 
 
-def _hessian_vector_product(
-    grads_with_graph: Sequence[Optional[Tensor]], params: Sequence[Tensor], vectors: Sequence[Tensor]
-) -> Sequence[Optional[Tensor]]:
-    """``H_i[:, S] v``: the derivative of ``<g_i,S, v>`` with respect to every parameter."""
-    pairs = [(g, v) for g, v in zip(grads_with_graph, vectors) if g is not None and g.requires_grad]
-    if not pairs:  # L_i is linear in the shifted parameters: the Hessian block is zero
-        return [None] * len(params)
-    outputs, grad_outputs = zip(*pairs)
+def _accumulate_hessian_term(
+    grads_with_graph: list[Tensor],
+    vectors: list[Tensor],
+    params: Sequence[Tensor],
+    targets: list[Optional[Tensor]],
+) -> list[Optional[Tensor]]:
+    """``targets[k] += d<g_i,S, v>/dw_k`` (``H_i[:, S] v``) for every parameter, in place.
+
+    The product is the gradient of the scalar ``<g_i,S, v>``, taken by ``autograd.backward`` with
+    ``targets`` standing in as the parameters' ``.grad``: autograd adds each contribution as it is
+    computed, no parameter-sized result is held beside the targets, and each ``v`` is freed as soon
+    as its inner product has been differentiated (``vectors`` is emptied; ``None`` targets receive
+    new tensors).  The parameters' own ``.grad`` is put back afterwards.  With post-accumulate-grad
+    hooks on a parameter, which must not see these partial sums, the product is taken apart with
+    ``autograd.grad`` and then added.
+    """
+    with torch.enable_grad():
+        pairs = [(g, v) for g, v in zip(grads_with_graph, vectors) if g.requires_grad]
+        vectors.clear()
+        if not pairs:  # L_i is linear in the shifted parameters: the Hessian block is zero
+            return targets
+        inner = torch.stack([_inner_product(g, v) for g, v in pairs]).sum()
+        del pairs
     try:
-        return torch.autograd.grad(outputs, params, grad_outputs=grad_outputs, allow_unused=True)
+        if any(getattr(p, "_post_accumulate_grad_hooks", None) for p in params):
+            terms = torch.autograd.grad(inner, params, allow_unused=True)
+            return _combine(targets, (terms, 1.0))
+        saved = [p.grad for p in params]
+        try:
+            for param, target in zip(params, targets):
+                param.grad = target
+            torch.autograd.backward(inner, inputs=list(params))
+            return [p.grad for p in params]
+        finally:
+            for param, grad in zip(params, saved):
+                param.grad = grad
     except RuntimeError as err:
         if _is_double_backward_failure(err):
             raise RuntimeError(not_twice_differentiable_message(err)) from err
         raise
 
 
-def _combine(
-    grads_i: list[Optional[Tensor]],
-    grads_j: Sequence[Optional[Tensor]],
-    hessian_term: Sequence[Optional[Tensor]],
-    eta: float,
-) -> list[Optional[Tensor]]:
-    """``dJ/dw = g_i + eta * h_j - eta * hvp`` per tensor, absent terms read as zero.
+def _inner_product(a: Tensor, b: Tensor) -> Tensor:
+    """``<a, b>`` without a product-sized temporary when both are laid out alike."""
+    if a.is_contiguous() and b.is_contiguous():
+        return torch.vdot(a.reshape(-1), b.reshape(-1))
+    return (a * b).sum()
 
-    Accumulates into ``grads_i`` (owned tensors, see :func:`_owned`) in place, one fused
-    ``_foreach`` call per term for the usual case where every term is present.
+
+def _combine(
+    base: list[Optional[Tensor]], *terms: tuple[Sequence[Optional[Tensor]], float]
+) -> list[Optional[Tensor]]:
+    """``base[k] + sum(scale * term[k])`` per tensor, absent entries read as zero.
+
+    Accumulates into ``base`` (owned tensors, see :func:`_owned`) in place, one fused ``_foreach``
+    call per term for the usual case where every entry is present.
     """
-    combined = list(grads_i)
-    for terms, scale in ((grads_j, eta), (hessian_term, -eta)):
-        both = [k for k, (g, t) in enumerate(zip(combined, terms)) if g is not None and t is not None]
+    combined = list(base)
+    for values, scale in terms:
+        both = [k for k, (b, t) in enumerate(zip(combined, values)) if b is not None and t is not None]
         if both:
-            torch._foreach_add_([combined[k] for k in both], [terms[k] for k in both], alpha=scale)
-        for k, term in enumerate(terms):
-            if term is not None and combined[k] is None:
-                combined[k] = term * scale
+            torch._foreach_add_([combined[k] for k in both], [values[k] for k in both], alpha=scale)
+        for k, value in enumerate(values):
+            if value is not None and combined[k] is None:
+                combined[k] = value * scale
     return combined
 
 
