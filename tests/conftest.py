@@ -1,5 +1,8 @@
 import os
+from pathlib import Path
 
+import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 # CI runs a fixed, derandomised set of examples so that a red build always reproduces.
@@ -8,3 +11,19 @@ settings.register_profile(
 )
 settings.register_profile("dev", deadline=None, max_examples=15, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """One MNIST-1D cache for the whole session (generating it takes a few seconds)."""
+    return tmp_path_factory.getbasetemp() / "data"
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and do not stall when other jobs share the cores (the
+    command line does the same for MNIST-1D); the previous thread count is restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -17,12 +17,6 @@ from torch_mltp.experiments.stats import paired_difference
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def data_root(tmp_path_factory) -> Path:
-    """One MNIST-1D cache for the whole session (generating it takes a few seconds)."""
-    return tmp_path_factory.getbasetemp() / "data"
-
-
 def tiny(data_root: Path, *extra: str) -> list:
     """Options that keep a run to a few batches on the CPU."""
     return [
@@ -91,7 +85,7 @@ def test_compare_writes_table_results_and_figures(data_root, tmp_path, capsys):
         "--out", str(root), *tiny(data_root),
     ]  # fmt: skip
     assert main(argv) == 0
-    for name in ("results.json", "table.md", "accuracy.png", "alphas.png"):
+    for name in ("results.json", "table.md", "accuracy.png", "alphas.png", "grad_cosine.png"):
         assert (root / name).stat().st_size > 0
     for run in ("standard-seed0", "standard-seed1", "mltp_fo-seed0", "mltp_fo-seed1"):
         assert (root / run / "final.pt").exists()
@@ -201,6 +195,48 @@ def test_tensorboard_logs_scalars(data_root, tmp_path):
     assert {"test/acc", "train/loss", "alpha/conv1"} <= set(tags)
     (record,) = read_jsonl(out / "metrics.jsonl")
     assert events.Scalars("test/acc")[0].value == pytest.approx(record["test_acc"])
+
+
+def test_train_records_the_study_settings(data_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = [
+        "train", "--procedure", "mltp_fo", "--epochs", "2", "--milestones", "1", "--train-samples", "300",
+        "--alpha-policy", "nonnegative", "--alpha-lr", "1e-3", "--cosine-every", "2", "--out", str(out),
+        "--data-root", str(data_root), "--device", "cpu", "--no-progress", "--limit-test-batches", "1",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    recipe = json.loads((out / "config.json").read_text())["experiment"]["recipe"]
+    assert (recipe["train_samples"], recipe["alpha_policy"], recipe["alpha_lr"]) == (300, "nonnegative", 1e-3)
+    records = read_jsonl(out / "metrics.jsonl")
+    # 300 samples: batches of 128, 128 and 44, the cosine measured before the first and the third
+    assert [(r["train_samples"], r["grad_cosine_steps"]) for r in records] == [(300, 2), (300, 2)]
+    assert [r["alpha_lr"] for r in records] == pytest.approx([1e-3, 1e-4])  # decays with the weights' lr
+    assert all(alpha >= 0 for r in records for alpha in r["alphas"].values())
+    # fixed alphas have no learning rate: refused before training, with one line
+    assert main([*argv, "--alpha-policy", "fixed", "--out", str(tmp_path / "fixed")]) == 2
+    assert "--alpha-lr" in capsys.readouterr().err and not (tmp_path / "fixed").exists()
+
+
+def test_compare_shares_standard_runs_through_a_baseline_folder(data_root, tmp_path, capsys):
+    baseline = tmp_path / "baseline"
+    common = ["compare", "--procedures", "standard", "mltp_fo", "--seeds", "0", "--epochs", "1",
+              "--baseline-dir", str(baseline), *tiny(data_root)]  # fmt: skip
+    assert main([*common, "--out", str(tmp_path / "eta1")]) == 0
+    assert {p.name for p in baseline.iterdir()} == {"standard-seed0"}
+    assert (
+        not (tmp_path / "eta1" / "standard-seed0").exists() and (tmp_path / "eta1" / "mltp_fo-seed0").is_dir()
+    )
+    trained = (baseline / "standard-seed0" / "checkpoint.pt").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main([*common, "--eta", "0.5", "--out", str(tmp_path / "eta0.5")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert "standard seed 0: reused" in lines[0] and "mltp_fo seed 0: test acc" in lines[1]
+    assert (baseline / "standard-seed0" / "checkpoint.pt").stat().st_mtime_ns == trained
+    standard = json.loads((tmp_path / "eta0.5" / "results.json").read_text())["summary"]["standard"]
+    first = json.loads((tmp_path / "eta1" / "results.json").read_text())["summary"]["standard"]
+    assert standard["test_acc"]["per_seed"] == first["test_acc"]["per_seed"]
+    assert main([*common, "--lr", "0.003", "--out", str(tmp_path / "lr")]) == 2  # a standard setting
+    assert "experiment.recipe.lr" in capsys.readouterr().err
 
 
 def test_reproduce_dry_run_prints_the_plan(capsys):

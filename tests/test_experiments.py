@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +19,21 @@ from torch.utils.data import Dataset, TensorDataset
 from torch_mltp import MLTPOptimizer
 from torch_mltp.data import DataSplits, default_model_names, load_dataset
 from torch_mltp.experiments.compare import markdown_table, summarize, write_outputs
-from torch_mltp.experiments.recipes import DEFAULT_MODELS, MLTP_MODES, PROCEDURES, TABLES, recipe_for
+from torch_mltp.experiments.recipes import (
+    DEFAULT_MODELS,
+    MLTP_MODES,
+    MLTP_ONLY_FIELDS,
+    PROCEDURES,
+    TABLES,
+    recipe_for,
+)
 from torch_mltp.experiments.reproduce import TableRow, plan, reproduce, table_rows
-from torch_mltp.experiments.stats import mean_std, paired_difference, student_t_cdf, student_t_quantile
 from torch_mltp.experiments.training import (
     Experiment,
     ExperimentError,
     RunOptions,
     RunResult,
+    alpha_learning_rate,
     build_optimizer,
     data_order_generator,
     evaluate,
@@ -33,79 +41,11 @@ from torch_mltp.experiments.training import (
     restore_rng_states,
     rng_states,
     train_run,
+    training_subset,
 )
 from torch_mltp.models import build_model
 
-
-@pytest.fixture(scope="session")
-def data_root(tmp_path_factory) -> Path:
-    """One MNIST-1D cache for the whole session (generating it takes a few seconds)."""
-    return tmp_path_factory.getbasetemp() / "data"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and do not stall when other jobs share the cores
-    (the command line does the same for MNIST-1D)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-# -- statistics ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("p", "df", "expected"),
-    [
-        (0.975, 1, math.tan(math.pi * 0.475)),  # df = 1 is the Cauchy distribution
-        (0.975, 2, 0.95 / math.sqrt(2 * 0.975 * 0.025)),  # df = 2: (2p - 1) / sqrt(2p(1 - p))
-        (0.995, 2, 0.99 / math.sqrt(2 * 0.995 * 0.005)),
-    ],
-)
-def test_t_quantile_matches_closed_forms(p, df, expected):
-    assert student_t_quantile(p, df) == pytest.approx(expected, rel=1e-12)
-
-
-@pytest.mark.parametrize(
-    ("p", "df", "expected"),
-    [  # published table values (scipy.stats.t.ppf)
-        (0.975, 2, 4.302652729911275),
-        (0.975, 4, 2.7764451051977987),
-        (0.975, 30, 2.0422724563012373),
-        (0.95, 10, 1.8124611228107335),
-        (0.025, 4, -2.7764451051977987),
-    ],
-)
-def test_t_quantile_matches_tables(p, df, expected):
-    # scipy's own value for df = 2 is 4e-11 off the closed form, hence rel=1e-9.
-    assert student_t_quantile(p, df) == pytest.approx(expected, rel=1e-9)
-
-
-def test_t_cdf_of_large_df_approaches_the_normal():
-    assert student_t_cdf(1.959963984540054, 1e7) == pytest.approx(0.975, abs=1e-7)
-
-
-def test_mean_std_uses_n_minus_one():
-    assert mean_std([1.0, 2.0, 6.0]) == pytest.approx((3.0, math.sqrt((4 + 1 + 9) / 2)))
-    mean, std = mean_std([5.0])
-    assert mean == 5.0 and math.isnan(std)
-
-
-def test_paired_difference_by_hand():
-    standard = [80.0, 82.0, 81.0]
-    mltp = [81.0, 82.5, 82.5]
-    # differences 1.0, 0.5, 1.5: mean 1.0, sample std 0.5, t_{0.975, 2} = 4.302652729911275
-    half_width = 4.302652729911275 * 0.5 / math.sqrt(3)
-    result = paired_difference(standard, mltp)
-    assert result.mean == pytest.approx(1.0)
-    assert result.low == pytest.approx(1.0 - half_width, rel=1e-9)
-    assert result.high == pytest.approx(1.0 + half_width, rel=1e-9)
-    single = paired_difference([80.0], [81.5])
-    assert single.mean == pytest.approx(1.5) and single.low is None and single.high is None
-    with pytest.raises(ValueError):
-        paired_difference([1.0, 2.0], [1.0])
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- recipes and tables -------------------------------------------------------------------------
@@ -132,9 +72,10 @@ def test_tiny_imagenet_recipe_follows_the_paper():
 def test_mnist1d_recipe_is_the_documented_default():
     recipe = recipe_for("mnist1d", "mnist1d_cnn")
     assert (recipe.optimizer, recipe.lr, recipe.epochs, recipe.milestones, recipe.batch_size) == (
-        "adam", 1e-2, 30, (20,), 128,
+        "adam", 1e-2, 100, (70,), 128,
     )  # fmt: skip
     assert (recipe.alpha_mean, recipe.alpha_std, recipe.eta) == (1e-3, 1e-3, 1.0)
+    assert (recipe.train_samples, recipe.alpha_policy, recipe.alpha_lr) == (None, "learned", None)
     assert DEFAULT_MODELS["mnist1d"] == "mnist1d_cnn"  # has conv and linear layers: all five procedures apply
 
 
@@ -196,6 +137,124 @@ def test_build_optimizer_per_procedure():
     assert set(fc.alphas) == {"linear"}
     with pytest.raises(ExperimentError, match="mltp_conv"):
         build_optimizer(build_model("mnist1d_mlp"), recipe, "mltp_conv")
+
+
+def test_alpha_policies_and_the_alphas_learning_rate():
+    model = build_model("mnist1d_mlp")
+    recipe = recipe_for("mnist1d", "mnist1d_mlp").replace(alpha_mean=0.0, alpha_std=1.0)
+
+    def built(procedure="mltp_fo", **changes):
+        torch.manual_seed(0)  # the same draws of N(0, 1) for every policy
+        return build_optimizer(model, recipe.replace(**changes), procedure)
+
+    learned = built()
+    drawn = [alpha.item() for alpha in learned.alphas.values()]
+    assert min(drawn) < 0 < max(drawn)
+    assert alpha_learning_rate(learned) == recipe.lr  # tied to the weights' learning rate
+    nonnegative = built(alpha_policy="nonnegative")
+    assert nonnegative.alpha_min == 0.0
+    assert [alpha.item() for alpha in nonnegative.alphas.values()] == [max(value, 0.0) for value in drawn]
+    fixed = built("mltp", alpha_policy="fixed")
+    assert not fixed.learn_alpha and alpha_learning_rate(fixed) is None
+    assert not any(alpha.requires_grad for alpha in fixed.alphas.values())
+    own = built(alpha_lr=1e-4)
+    assert alpha_learning_rate(own) == 1e-4 and own.param_groups[0]["lr"] == recipe.lr
+    with pytest.raises(ExperimentError, match="--alpha-lr"):
+        built("mltp", alpha_policy="fixed", alpha_lr=1e-4)
+    with pytest.raises(ExperimentError, match="learned, nonnegative, fixed"):
+        built("mltp", alpha_policy="frozen")
+    assert type(built("standard", alpha_policy="frozen")) is torch.optim.Adam
+
+
+def test_the_schedule_decays_the_alphas_own_learning_rate_with_the_weights(data_root, tmp_path):
+    recipe = recipe_for("mnist1d", "mnist1d_mlp").replace(epochs=3, milestones=(1, 2), alpha_lr=1e-3)
+    experiment = Experiment("mnist1d", "mnist1d_mlp", recipe, limit_train_batches=1, limit_test_batches=1)
+    options = RunOptions(data_root=str(data_root), device="cpu", progress=False, log_epochs=False)
+    history = train_run(experiment, "mltp_fo", 0, tmp_path, options).history
+    assert [record["lr"] for record in history] == pytest.approx([1e-2, 1e-3, 1e-4])
+    assert [record["alpha_lr"] for record in history] == pytest.approx([1e-3, 1e-4, 1e-5])
+
+
+def test_a_nonnegative_run_keeps_its_alphas_nonnegative(data_root, tmp_path):
+    # alphas drawn from N(0, 0.01), moved by at most 3 Adam steps of 1e-6: the learned ones stay as drawn
+    recipe = recipe_for("mnist1d", "mnist1d_mlp").replace(
+        epochs=1, alpha_mean=0.0, alpha_std=0.01, alpha_lr=1e-6
+    )
+    options = RunOptions(data_root=str(data_root), device="cpu", progress=False, log_epochs=False)
+
+    def final_alphas(policy: str) -> list:
+        experiment = Experiment(
+            "mnist1d",
+            "mnist1d_mlp",
+            recipe.replace(alpha_policy=policy),
+            limit_train_batches=3,
+            limit_test_batches=1,
+        )
+        return list(train_run(experiment, "mltp_fo", 0, tmp_path / policy, options).final["alphas"].values())
+
+    learned, nonnegative = final_alphas("learned"), final_alphas("nonnegative")
+    assert min(learned) < 0
+    assert min(nonnegative) >= 0.0
+    # where the draw was negative: clamped to 0, then at most 3 steps of 1e-6 (and clamped again)
+    assert all(kept <= 3e-6 for value, kept in zip(learned, nonnegative) if value < 0)
+
+
+class RecordingDataset(Dataset):
+    """Remembers which samples were read, in order."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+        self.read: list = []
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        self.read.append(int(index))
+        return self.base[index]
+
+
+def _recorded_run(data_root, tmp_path, procedure: str, seed: int, recipe):
+    """The samples one epoch of a run read, and its final weights (lr 0: the initial ones)."""
+    data = load_dataset("mnist1d", data_root)
+    recording = RecordingDataset(data.train)
+    splits = DataSplits(recording, data.test, data.num_classes, data.input_shape, data.name)
+    experiment = Experiment("mnist1d", "mnist1d_cnn", recipe, limit_test_batches=1)
+    options = RunOptions(device="cpu", progress=False, log_epochs=False, cosine_every=0)
+    folder = tmp_path / f"{procedure}-{seed}"
+    train_run(experiment, procedure, seed, folder, options, splits)
+    return recording.read, torch.load(folder / "final.pt", weights_only=True)
+
+
+def test_a_seed_gives_every_procedure_the_same_initial_weights_and_data_order(data_root, tmp_path):
+    recipe = recipe_for("mnist1d", "mnist1d_cnn").replace(epochs=1, lr=0.0)  # lr 0: the weights stay initial
+    order, weights = _recorded_run(data_root, tmp_path, "standard", 5, recipe)
+    for procedure in ("mltp", "mltp_fo"):
+        other_order, other_weights = _recorded_run(data_root, tmp_path, procedure, 5, recipe)
+        assert other_order == order
+        assert all(torch.equal(tensor, other_weights[name]) for name, tensor in weights.items())
+    torch.manual_seed(5)
+    initial = build_model("mnist1d_cnn").state_dict()
+    assert all(torch.equal(tensor, initial[name]) for name, tensor in weights.items())
+    another_order, another_weights = _recorded_run(data_root, tmp_path, "standard", 6, recipe)
+    assert another_order != order and not torch.equal(
+        another_weights["conv1.weight"], weights["conv1.weight"]
+    )
+
+
+def test_the_training_subset_is_fixed_and_nested(data_root, tmp_path):
+    recipe = recipe_for("mnist1d", "mnist1d_cnn").replace(epochs=1, train_samples=300)
+    order, _ = _recorded_run(data_root, tmp_path, "standard", 0, recipe)
+    assert len(order) == 300  # batches of 128, 128 and 44
+    fo_order, _ = _recorded_run(data_root, tmp_path, "mltp_fo", 1, recipe)
+    assert sorted(fo_order) == sorted(order) and fo_order != order  # same samples, other seed's order
+    first_300 = torch.randperm(4000, generator=torch.Generator().manual_seed(0))[:300].tolist()
+    assert sorted(order) == sorted(first_300)
+    dataset = TensorDataset(torch.arange(4000))
+    small, large = training_subset(dataset, 300), training_subset(dataset, 1000)
+    assert set(small.indices) <= set(large.indices) and training_subset(dataset, None) is dataset
+    with pytest.raises(ExperimentError, match="4000"):
+        training_subset(dataset, 4001)
 
 
 # -- the training loop's pieces -------------------------------------------------------------------
@@ -317,17 +376,67 @@ def test_a_run_folder_with_other_settings_is_refused(data_root, tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["experiment"]["recipe"]["lr"] == 0.001
 
 
+def test_run_folders_from_before_the_new_recipe_settings_are_reused(data_root, tmp_path):
+    recipe = recipe_for("mnist1d", "mnist1d_mlp").replace(epochs=1)
+    options = RunOptions(data_root=str(data_root), device="cpu", progress=False, log_epochs=False)
+    experiment = Experiment("mnist1d", "mnist1d_mlp", recipe, limit_train_batches=1, limit_test_batches=1)
+    train_run(experiment, "mltp_fo", 0, tmp_path, options)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for name in ("train_samples", "alpha_policy", "alpha_lr"):  # as written before these settings existed
+        del config["experiment"]["recipe"][name]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert train_run(experiment, "mltp_fo", 0, tmp_path, options).reused
+    for changed, message in [
+        ({"alpha_policy": "fixed"}, "experiment.recipe.alpha_policy: 'learned' there, 'fixed' now"),
+        ({"train_samples": 500}, "experiment.recipe.train_samples: None there, 500 now"),
+        ({"alpha_lr": 1e-3}, "experiment.recipe.alpha_lr: None there, 0.001 now"),
+    ]:
+        other = Experiment("mnist1d", "mnist1d_mlp", recipe.replace(**changed), 1, 1)
+        with pytest.raises(ExperimentError, match=re.escape(message)):
+            train_run(other, "mltp_fo", 0, tmp_path, options)
+
+
+def test_a_standard_run_does_not_depend_on_the_mltp_settings(data_root, tmp_path):
+    recipe = recipe_for("mnist1d", "mnist1d_mlp").replace(epochs=1)
+    options = RunOptions(data_root=str(data_root), device="cpu", progress=False, log_epochs=False)
+    experiment = Experiment("mnist1d", "mnist1d_mlp", recipe, limit_train_batches=1, limit_test_batches=1)
+    train_run(experiment, "standard", 0, tmp_path, options)
+    stored = json.loads((tmp_path / "config.json").read_text())["experiment"]["recipe"]
+    assert [stored[name] for name in MLTP_ONLY_FIELDS] == [None] * len(MLTP_ONLY_FIELDS)
+    mltp_settings = recipe.replace(eta=0.5, alpha_mean=0.1, alpha_std=0.2, alpha_policy="fixed")
+    assert train_run(
+        Experiment("mnist1d", "mnist1d_mlp", mltp_settings, 1, 1), "standard", 0, tmp_path, options
+    ).reused
+    with pytest.raises(ExperimentError, match=r"experiment\.recipe\.lr: 0\.01 there, 0\.1 now"):
+        train_run(
+            Experiment("mnist1d", "mnist1d_mlp", recipe.replace(lr=0.1), 1, 1),
+            "standard",
+            0,
+            tmp_path,
+            options,
+        )
+
+
 # -- comparison outputs -------------------------------------------------------------------------
 
 
-def _fake_runs(accuracies: dict) -> dict:
-    """RunResults whose histories end with the given test accuracies (procedure -> per seed)."""
+def _fake_runs(accuracies: dict, cosines: dict) -> dict:
+    """RunResults whose histories end with the given test accuracies (procedure -> per seed); each epoch
+    takes 2 s (standard) or 3 s (MLTP) of which 0.5 s measure the gradient cosine, given per epoch."""
     runs = {}
     for procedure, values in accuracies.items():
         for seed, value in enumerate(values):
+            seconds = 2.0 if procedure == "standard" else 3.0
             history = [
-                {"epoch": 1, "test_acc": value - 5, "train_loss": 1.0},
-                {"epoch": 2, "test_acc": value, "train_loss": 0.5},
+                {
+                    "epoch": epoch,
+                    "test_acc": value - 5 * (2 - epoch),
+                    "train_loss": 1.0 / epoch,
+                    "epoch_time_s": seconds + 0.5,
+                    "grad_cosine_time_s": 0.5,
+                    "grad_cosine": cosines[procedure][epoch - 1] + 0.01 * seed,
+                }
+                for epoch in (1, 2)
             ]
             if procedure != "standard":
                 for record in history:
@@ -338,27 +447,42 @@ def _fake_runs(accuracies: dict) -> dict:
 
 def test_summary_table_and_figures(tmp_path):
     accuracies = {"standard": [80.0, 82.0, 81.0], "mltp_fo": [81.0, 82.5, 82.5]}
+    cosines = {"standard": [0.2, 0.1], "mltp_fo": [0.3, 0.2]}
     experiment = Experiment("cifar10", "cnet1", recipe_for("cifar10", "cnet1"))
-    result = summarize(experiment, list(accuracies), [0, 1, 2], _fake_runs(accuracies))
+    result = summarize(experiment, list(accuracies), [0, 1, 2], _fake_runs(accuracies, cosines))
     fo = result["summary"]["mltp_fo"]["test_acc"]
     assert fo["per_seed"] == [81.0, 82.5, 82.5]
     assert fo["mean"] == pytest.approx(82.0) and fo["std"] == pytest.approx(math.sqrt(0.75))
     half_width = 4.302652729911275 * 0.5 / math.sqrt(3)
-    assert fo["diff_vs_standard"]["low"] == pytest.approx(1.0 - half_width, rel=1e-9)
+    difference = fo["diff_vs_standard"]
+    assert difference["low"] == pytest.approx(1.0 - half_width, rel=1e-9)
+    t = 1.0 / (0.5 / math.sqrt(3))  # differences 1.0, 0.5, 1.5; two degrees of freedom
+    assert difference["p_t"] == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-9)
+    assert difference["p_sign_flip"] == pytest.approx(0.25) and difference["sign_flip_draws"] is None
     assert result["summary"]["standard"]["test_acc"]["diff_vs_standard"] is None
+    # per seed: two epochs of 2 s (standard) or 3 s training; cosine: mean of the two epochs + 0.01 seed
+    assert result["summary"]["standard"]["train_time_s"]["per_seed"] == [4.0, 4.0, 4.0]
+    assert result["summary"]["mltp_fo"]["train_time_s"]["mean"] == pytest.approx(6.0)
+    assert result["summary"]["mltp_fo"]["grad_cosine"]["per_seed"] == pytest.approx([0.25, 0.26, 0.27])
 
     table = markdown_table([result], reported=TABLES["table1"].reported)
     rows = [line for line in table.splitlines() if line.startswith("| cnet1")]
+    p_t = 1 - t / math.sqrt(2 + t * t)
     assert rows == [
-        "| cnet1 | standard | 81.00 ± 1.00 | — | 81.9 |",
-        f"| cnet1 | mltp_fo | 82.00 ± 0.87 | +1.00 [{1 - half_width:+.2f}, {1 + half_width:+.2f}] | 82.6 |",
+        "| cnet1 | standard | 81.00 ± 1.00 | — | — | — | 81.9 | 0.160 | 4.0 (×1.00) |",
+        f"| cnet1 | mltp_fo | 82.00 ± 0.87 | +1.00 [{1 - half_width:+.2f}, {1 + half_width:+.2f}] "
+        f"| {p_t:.3f} | 0.250 | 82.6 | 0.260 | 6.0 (×1.50) |",
     ]
+    assert "exact over every sign pattern" in table
     written = write_outputs(tmp_path, [result])
-    assert [path.name for path in written] == ["results.json", "table.md", "accuracy.png", "alphas.png"]
+    assert [path.name for path in written] == [
+        "results.json", "table.md", "accuracy.png", "alphas.png", "grad_cosine.png",
+    ]  # fmt: skip
     for png in written[2:]:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     stored = json.loads((tmp_path / "results.json").read_text())
     assert stored["summary"]["mltp_fo"]["test_acc"]["mean"] == 82.0
+    assert stored["summary"]["mltp_fo"]["test_acc"]["diff_vs_standard"]["p_sign_flip"] == 0.25
 
 
 def test_reproduce_plan_counts_runs_and_steps():

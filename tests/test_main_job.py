@@ -1,4 +1,4 @@
-"""The README's main job end to end: ``torch-mltp compare`` with its defaults (about 2 minutes on 2 cores)."""
+"""The README's main job end to end: ``torch-mltp compare`` with its defaults (about 5 min on one core)."""
 
 import json
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 
 import numpy as np
@@ -15,13 +16,16 @@ from torch_mltp.experiments.plots import (
     accuracy_figure,
     alphas_figure,
     band_label,
+    gradient_cosine_figure,
     plot_accuracy,
     plot_alphas,
+    plot_gradient_cosine,
 )
 
 
-def fake_result(layers_per_procedure: dict, seeds=(0, 1, 2), epochs: int = 4) -> dict:
-    """A ``summarize``-shaped result whose numbers are simple functions of (procedure, seed, epoch, layer)."""
+def fake_result(layers_per_procedure: dict, seeds=(0, 1, 2), epochs: int = 4, cosines=()) -> dict:
+    """A ``summarize``-shaped result whose numbers are simple functions of (procedure, seed, epoch, layer);
+    the procedures in ``cosines`` measured the gradient cosine."""
     runs = {}
     for p, (procedure, layers) in enumerate(layers_per_procedure.items()):
         runs[procedure] = {}
@@ -33,6 +37,8 @@ def fake_result(layers_per_procedure: dict, seeds=(0, 1, 2), epochs: int = 4) ->
                     "test_acc": 50.0 + 10 * epoch + 3 * seed**2 + p,
                     "train_loss": 2.0 / epoch + 0.1 * seed,
                 }
+                if procedure in cosines:
+                    record["grad_cosine"] = 0.05 * p + 0.4 / epoch + 0.02 * seed**2
                 if layers:
                     record["alphas"] = {
                         layer: 1e-3 * (k + 1) * epoch + 1e-4 * seed for k, layer in enumerate(layers)
@@ -145,3 +151,36 @@ def test_figures_are_written_and_no_alphas_figure_without_mltp(tmp_path):
     assert plot_alphas(result, tmp_path / "alphas.png") is None
     assert not (tmp_path / "alphas.png").exists()
     assert plot_accuracy(result, tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gradient_cosine_lines_are_means_with_standard_error_bands_in_the_procedures_colours(tmp_path):
+    measured = ["standard", "mltp", "mltp_fo"]
+    result = fake_result(FIVE_PROCEDURES, cosines=measured)
+    figure = gradient_cosine_figure(result)
+    (axis,) = [axis for axis in figure.axes if axis.get_visible()]
+    legend = [text.get_text() for text in axis.get_legend().get_texts()]
+    assert legend == [*measured, "band: mean ± 1 standard error over 3 seeds"]  # not mltp_conv, mltp_fc
+    # mltp_fo is procedure 4: 0.2 + 0.4 / epoch + 0.02 seed² over the seeds 0, 1, 2
+    values = [[0.2 + 0.4 / epoch + 0.02 * seed**2 for seed in (0, 1, 2)] for epoch in (1, 2, 3, 4)]
+    line = lines_by_label(axis)["mltp_fo"]
+    np.testing.assert_allclose(line.get_ydata(), [statistics.mean(v) for v in values])
+    band = [c for c in axis.collections if isinstance(c, PolyCollection)][2].get_paths()[0].vertices
+    at_epoch_3 = sorted(y for x, y in band if x == 3)
+    standard_error = statistics.stdev(values[2]) / math.sqrt(3)
+    assert at_epoch_3[0] == pytest.approx(statistics.mean(values[2]) - standard_error)
+    assert at_epoch_3[-1] == pytest.approx(statistics.mean(values[2]) + standard_error)
+    accuracy_lines = lines_by_label(accuracy_figure(result).axes[0])
+    for procedure in measured:  # a procedure has the same colour as in the accuracy figure
+        assert to_rgba(lines_by_label(axis)[procedure].get_color()) == to_rgba(
+            accuracy_lines[procedure].get_color()
+        )
+    assert "mnist1d_cnn on mnist1d, mean over 3 seeds" in figure.get_suptitle()
+    assert plot_gradient_cosine(result, tmp_path / "cosine.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_no_gradient_cosine_figure_without_measurements(tmp_path):
+    result = fake_result({"standard": None, "mltp": CNN_LAYERS}, cosines=["mltp"])
+    del result["runs"]["mltp"]["1"]["history"][2]["grad_cosine"]  # one epoch of one run not measured
+    assert gradient_cosine_figure(result) is None
+    assert plot_gradient_cosine(result, tmp_path / "cosine.png") is None
+    assert not (tmp_path / "cosine.png").exists()

@@ -1,12 +1,12 @@
 """The paper's experiments: recipes, the training loop, comparisons over seeds and the command line.
 
-Needs the ``vision`` extra (torchvision, tqdm, matplotlib, mnist1d). The core package never
-imports this one.
+Needs the ``vision`` extra (torchvision, tqdm, matplotlib, mnist1d, pillow, scipy). The core package
+never imports this one.
 """
 
 import importlib.util
 
-_VISION_EXTRA = ("numpy", "torchvision", "tqdm", "matplotlib", "mnist1d", "PIL")
+_VISION_EXTRA = ("numpy", "torchvision", "tqdm", "matplotlib", "mnist1d", "PIL", "scipy")
 _missing = [name for name in _VISION_EXTRA if importlib.util.find_spec(name) is None]
 if _missing:
     raise ImportError(

@@ -21,9 +21,9 @@ from torch_mltp.models import MODEL_NAMES
 
 from . import distributed
 from .compare import compare, run_dir_name, write_outputs
-from .recipes import DEFAULT_MODELS, DEFAULT_SEEDS, PROCEDURES, TABLES, recipe_for
+from .recipes import ALPHA_POLICIES, DEFAULT_MODELS, DEFAULT_SEEDS, PROCEDURES, TABLES, recipe_for
 from .reproduce import reproduce, table_rows
-from .training import TASK_SCOPES, Experiment, ExperimentError, RunOptions, train_run
+from .training import DEFAULT_COSINE_EVERY, TASK_SCOPES, Experiment, ExperimentError, RunOptions, train_run
 
 DEFAULT_DATASET = "mnist1d"
 DATA_ROOT_ENV = "TORCH_MLTP_DATA"
@@ -43,14 +43,30 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("recipe overrides (default: the preset of the data set and model)")
     group.add_argument("--epochs", type=_positive_int)
     group.add_argument(
         "--batch-size", type=_positive_int, help="MLTP splits it into two tasks of half the size"
     )
+    group.add_argument(
+        "--train-samples",
+        type=_positive_int,
+        metavar="N",
+        help="train on a fixed subset of N training samples, the same for every procedure and seed (the "
+        "first N of one permutation drawn with a fixed seed; default: all)",
+    )
     group.add_argument("--optimizer", choices=("adam", "sgd"))
-    group.add_argument("--lr", type=float, help="initial learning rate (also the alphas' learning rate)")
+    group.add_argument(
+        "--lr", type=float, help="initial learning rate (also the alphas' learning rate unless --alpha-lr)"
+    )
     group.add_argument(
         "--milestones",
         type=int,
@@ -64,6 +80,17 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--alpha-mean", type=float, help="mean of the initial alphas")
     group.add_argument("--alpha-std", type=float, help="standard deviation of the initial alphas")
     group.add_argument("--eta", type=float, help="weight of the task-j loss")
+    group.add_argument(
+        "--alpha-policy",
+        choices=ALPHA_POLICIES,
+        help="learned: as in the paper (default); nonnegative: learned, clamped at >= 0; "
+        "fixed: kept at their initial values",
+    )
+    group.add_argument(
+        "--alpha-lr",
+        type=_positive_float,
+        help="learning rate of learned alphas (default: the same as --lr); the schedule scales both",
+    )
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -124,6 +151,15 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--limit-test-batches", type=_positive_int, metavar="N", help="evaluate on at most N test batches"
     )
+    group.add_argument(
+        "--cosine-every",
+        type=_non_negative_int,
+        default=DEFAULT_COSINE_EVERY,
+        metavar="K",
+        help="measure the cosine between the two half batches' gradients before every K-th training step "
+        f"(logged per epoch as grad_cosine; it does not change the training; 0: never; default "
+        f"{DEFAULT_COSINE_EVERY})",
+    )
 
 
 def _add_experiment_options(parser: argparse.ArgumentParser) -> None:
@@ -172,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"default: all of {', '.join(PROCEDURES)}",
     )
     compare.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS), help="default: 0 1 2")
+    compare.add_argument(
+        "--baseline-dir",
+        type=Path,
+        metavar="DIR",
+        help="keep the standard runs in DIR instead of --out, shared with other comparisons that differ "
+        "only in MLTP settings (--eta, --alpha-*): finished ones are reused, missing ones trained there",
+    )
     _add_recipe_options(compare)
     _add_run_options(compare)
 
@@ -208,6 +251,9 @@ def _recipe_overrides(args: argparse.Namespace) -> dict:
             "alpha_mean",
             "alpha_std",
             "eta",
+            "train_samples",
+            "alpha_policy",
+            "alpha_lr",
         )
     }
     if args.milestones is not None:
@@ -227,6 +273,7 @@ def _run_options(args: argparse.Namespace, log_epochs: bool) -> RunOptions:
         overwrite=args.overwrite,
         require_checkpoint=getattr(args, "resume", False),
         tasks=args.tasks,
+        cosine_every=args.cosine_every,
     )
 
 
@@ -249,7 +296,14 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "compare":
         experiment = _experiment(args)
         root = args.out or Path("runs") / f"{experiment.dataset}-{experiment.model}"
-        result = compare(experiment, args.procedures, args.seeds, root, _run_options(args, log_epochs=False))
+        result = compare(
+            experiment,
+            args.procedures,
+            args.seeds,
+            root,
+            _run_options(args, log_epochs=False),
+            baseline_root=args.baseline_dir,
+        )
         if not distributed.current().is_main:
             return  # under torchrun, the main process writes the outputs
         written = write_outputs(root, [result])
@@ -294,11 +348,19 @@ def _processes(args: argparse.Namespace) -> Iterator[None]:
         distributed.stop()
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """The handler :func:`messages_to_stdout` adds."""
+
+
 @contextlib.contextmanager
-def _messages_to_stdout() -> Iterator[None]:
-    """The experiments report progress through ``logging``; the command line prints it."""
+def messages_to_stdout() -> Iterator[None]:
+    """The experiments report progress through ``logging``; the command line prints it. Inside another
+    such block (a driver running commands) the outer one prints."""
     logger = logging.getLogger("torch_mltp")
-    handler = logging.StreamHandler(sys.stdout)
+    if any(isinstance(handler, _StdoutHandler) for handler in logger.handlers):
+        yield
+        return
+    handler = _StdoutHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
     previous_level = logger.level
     logger.setLevel(logging.INFO)
@@ -318,7 +380,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        with _processes(args), _messages_to_stdout():
+        with _processes(args), messages_to_stdout():
             _run(args)
     except (DatasetError, ExperimentError) as err:
         print(f"torch-mltp: error: {err}", file=sys.stderr)

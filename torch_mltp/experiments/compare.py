@@ -10,8 +10,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from torch_mltp.data import DataSplits, load_dataset
 
-from .plots import plot_accuracy, plot_alphas
-from .stats import mean_std, paired_difference
+from .plots import plot_accuracy, plot_alphas, plot_gradient_cosine
+from .stats import MAX_EXACT_SIGN_FLIPS, SIGN_FLIP_DRAWS, mean_std, paired_difference
 from .training import (
     Experiment,
     RunOptions,
@@ -32,6 +32,26 @@ def run_dir_name(procedure: str, seed: int) -> str:
     return f"{procedure}-seed{seed}"
 
 
+def training_seconds(history: Sequence[dict]) -> float:
+    """Wall-clock seconds a run spent training: its epochs without test evaluation and without the
+    gradient-cosine measurements."""
+    return math.fsum(record["epoch_time_s"] - record.get("grad_cosine_time_s", 0.0) for record in history)
+
+
+def mean_gradient_cosine(history: Sequence[dict]) -> Optional[float]:
+    """The mean over a run's epochs of each epoch's mean gradient cosine; ``None`` if none was measured."""
+    values = [record["grad_cosine"] for record in history if "grad_cosine" in record]
+    return math.fsum(values) / len(values) if values else None
+
+
+def _spread(values: Sequence[Optional[float]]) -> Optional[dict]:
+    """Per seed, mean and sample std of values measured for every seed; ``None`` if any is missing."""
+    if any(value is None for value in values):
+        return None
+    mean, std = mean_std(values)
+    return {"per_seed": list(values), "mean": mean, "std": std}
+
+
 def summarize(
     experiment: Experiment,
     procedures: Sequence[str],
@@ -39,11 +59,17 @@ def summarize(
     runs: Dict[Tuple[str, int], RunResult],
 ) -> dict:
     """Final-epoch test accuracies per procedure: per seed, mean ± sample std, and the paired
-    difference to ``standard`` (same seed) with a 95% Student-t interval."""
+    difference to ``standard`` (same seed) with a 95% Student-t interval, a paired t-test and a sign-flip
+    test. Per procedure also the training time per run (:func:`training_seconds`) and the mean gradient
+    cosine over training (:func:`mean_gradient_cosine`; ``None`` if a run did not measure it)."""
     metrics = [metric_name(k) for k in experiment.recipe.topk]
     summary = {}
     for procedure in procedures:
-        summary[procedure] = {}
+        histories = [runs[procedure, seed].history for seed in seeds]
+        summary[procedure] = {
+            "train_time_s": _spread([training_seconds(history) for history in histories]),
+            "grad_cosine": _spread([mean_gradient_cosine(history) for history in histories]),
+        }
         for metric in metrics:
             values = [runs[procedure, seed].final[metric] for seed in seeds]
             mean, std = mean_std(values)
@@ -88,40 +114,88 @@ def _difference_text(difference: Optional[dict]) -> str:
     return f"{difference['mean']:+.2f} [{difference['low']:+.2f}, {difference['high']:+.2f}]"
 
 
+def _p_text(p_value: Optional[float]) -> str:
+    if p_value is None:
+        return "—"
+    return f"{p_value:.2g}" if p_value < 0.001 else f"{p_value:.3f}"
+
+
+def _cosine_text(entry: Optional[dict]) -> str:
+    return "—" if entry is None else f"{entry['mean']:.3f}"
+
+
+def _time_text(entry: Optional[dict], baseline: Optional[dict]) -> str:
+    if entry is None:
+        return "—"
+    ratio = f" (×{entry['mean'] / baseline['mean']:.2f})" if baseline and baseline["mean"] > 0 else ""
+    return f"{entry['mean']:.1f}{ratio}"
+
+
+def _sign_flip_note(seeds: int) -> str:
+    if seeds <= MAX_EXACT_SIGN_FLIPS:
+        return "exact over every sign pattern"
+    return f"over {SIGN_FLIP_DRAWS} random sign patterns"
+
+
 _METRIC_TITLES = {"test_acc": "top-1", "test_top5": "top-5"}
 
 
 def markdown_table(
-    results: Sequence[dict], reported: Optional[Dict[Tuple[str, str], Tuple[float, ...]]] = None
+    results: Sequence[dict],
+    reported: Optional[Dict[Tuple[str, str], Tuple[float, ...]]] = None,
+    first_column: str = "model",
 ) -> str:
     """One row per (model, procedure) of the ``summarize`` outputs in ``results``.
 
     ``reported``: the paper's accuracies per (model, procedure), shown in extra columns.
+    ``first_column``: its header; a result's ``"label"`` (else its model) fills it.
     """
     metrics = results[0]["metrics"]
-    header = ["model", "procedure"]
+    header = [first_column, "procedure"]
     for metric in metrics:
         title = _METRIC_TITLES.get(metric, metric)
-        header += [f"test {title} (%)", f"Δ {title} vs standard [{CONFIDENCE:.0%} CI]"]
+        header += [
+            f"test {title} (%)",
+            f"Δ {title} vs standard [{CONFIDENCE:.0%} CI]",
+            "p (t)",
+            "p (sign-flip)",
+        ]
         if reported is not None:
             header.append(f"paper {title}")
+    header += ["grad cosine", "train s/run (× standard)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for result in results:
         for procedure in result["procedures"]:
-            cells = [result["model"], procedure]
+            cells = [result.get("label", result["model"]), procedure]
+            summary = result["summary"][procedure]
             for index, metric in enumerate(metrics):
-                entry = result["summary"][procedure][metric]
-                cells += [_mean_std_text(entry), _difference_text(entry["diff_vs_standard"])]
+                entry = summary[metric]
+                difference = entry["diff_vs_standard"]
+                cells += [_mean_std_text(entry), _difference_text(difference)]
+                cells += (
+                    ["—", "—"]
+                    if difference is None
+                    else [_p_text(difference["p_t"]), _p_text(difference["p_sign_flip"])]
+                )
                 if reported is not None:
                     paper = reported.get((result["model"], procedure), ())
                     cells.append(f"{paper[index]:.1f}" if index < len(paper) else "—")
+            baseline = result["summary"].get(BASELINE, {}).get("train_time_s")
+            cells += [
+                _cosine_text(summary.get("grad_cosine")),
+                _time_text(summary.get("train_time_s"), baseline),
+            ]
             lines.append("| " + " | ".join(cells) + " |")
     seeds = results[0]["seeds"]
     lines += [
         "",
         f"Final-epoch test accuracy over {len(seeds)} seed(s) {tuple(seeds)}: mean ± sample std (n − 1). "
         f"Δ: mean of the paired differences to standard (same seed) with a {CONFIDENCE:.0%} Student-t "
-        "interval (n − 1 degrees of freedom).",
+        "interval (n − 1 degrees of freedom); two-sided p-values of a paired t-test and of a sign-flip "
+        f"permutation test ({_sign_flip_note(len(seeds))}). Grad cosine: cosine similarity of the two half "
+        "batches' gradients at the same weights, averaged over the measured steps of each epoch, the "
+        "epochs and the seeds. Train s/run: seconds of training per run (without test evaluation and "
+        "the cosine measurements), mean over the seeds, and its ratio to standard training's.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -136,9 +210,12 @@ def write_outputs(root: Path, results: Sequence[dict], reported=None, figures: b
     if figures:
         result = results[0]
         written.append(plot_accuracy(result, root / "accuracy.png"))
-        alphas = plot_alphas(result, root / "alphas.png")
-        if alphas is not None:
-            written.append(alphas)
+        for optional in (
+            plot_alphas(result, root / "alphas.png"),
+            plot_gradient_cosine(result, root / "grad_cosine.png"),
+        ):
+            if optional is not None:
+                written.append(optional)
     return written
 
 
@@ -149,10 +226,13 @@ def compare(
     root: Path,
     options: RunOptions,
     data: Optional[DataSplits] = None,
+    baseline_root: Optional[Path] = None,
 ) -> dict:
-    """Train every procedure with every seed under ``root`` and write the summary there.
+    """Train every procedure with every seed under ``root`` and return the summary.
 
-    Runs already finished with the same settings are reused, interrupted ones resumed.
+    Runs already finished with the same settings are reused, interrupted ones resumed. The standard
+    runs live under ``baseline_root`` when it is given (default ``root``): standard training does not
+    depend on the MLTP settings, so comparisons that differ only in those can share them.
     """
     if len(set(seeds)) != len(seeds) or len(set(procedures)) != len(procedures):
         raise ValueError("procedures and seeds must not repeat")
@@ -163,8 +243,9 @@ def compare(
     total = len(procedures) * len(seeds)
     for seed in seeds:
         for procedure in procedures:
+            parent = baseline_root if procedure == BASELINE and baseline_root is not None else root
             run = train_run(
-                experiment, procedure, seed, Path(root) / run_dir_name(procedure, seed), options, data
+                experiment, procedure, seed, Path(parent) / run_dir_name(procedure, seed), options, data
             )
             runs[procedure, seed] = run
             log.info("[%d/%d] %s", len(runs), total, run_line(experiment, run))

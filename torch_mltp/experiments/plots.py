@@ -1,4 +1,5 @@
-"""Figures of a comparison: test accuracy per epoch (the paper's Figs. 1-9) and the alphas per layer.
+"""Figures of a comparison: test accuracy per epoch (the paper's Figs. 1-9), the alphas per layer and
+the gradient cosine of the two tasks per epoch.
 
 Each figure is a grid of panels, at most three per row. Lines are means over the seeds; where a
 figure has a band, its legend says what the band is.
@@ -84,9 +85,38 @@ def _marker(epochs: int) -> Optional[str]:
     return "o" if epochs < 15 else None
 
 
-def band_label(seeds: int) -> str:
-    """What the shaded band of :func:`accuracy_figure` shows."""
-    return f"band: mean ± 1 sd over {seeds} seeds"
+BAND_SPREADS = {"sd": "1 sd", "se": "1 standard error"}
+"""The half widths a band can have: the sample standard deviation over the seeds (n − 1), or the standard
+error of their mean (sd / √n)."""
+
+
+def band_label(seeds: int, spread: str = "sd") -> str:
+    """What a shaded band shows: ``sd`` in :func:`accuracy_figure`, ``se`` in
+    :func:`gradient_cosine_figure`."""
+    return f"band: mean ± {BAND_SPREADS[spread]} over {seeds} seeds"
+
+
+def _mean_with_band(axis, values: np.ndarray, colour: str, label: str, spread: str = "sd") -> int:
+    """Plot the mean over the rows of ``values`` (seeds x epochs) and, with more than one row, a band of
+    ± one ``spread`` (:data:`BAND_SPREADS`); returns the number of epochs."""
+    epochs = np.arange(1, values.shape[1] + 1)
+    mean = values.mean(axis=0)
+    axis.plot(epochs, mean, marker=_marker(len(epochs)), color=colour, label=label)
+    seeds = values.shape[0]
+    if seeds > 1:
+        half_width = values.std(axis=0, ddof=1) / (np.sqrt(seeds) if spread == "se" else 1.0)
+        axis.fill_between(epochs, mean - half_width, mean + half_width, color=colour, alpha=0.15, linewidth=0)
+    return len(epochs)
+
+
+def _legend_with_band(axis, seeds: int, spread: str = "sd", **placement) -> None:
+    from matplotlib.patches import Patch
+
+    handles, labels = axis.get_legend_handles_labels()
+    if seeds > 1:
+        handles.append(Patch(facecolor="grey", alpha=0.3))
+        labels.append(band_label(seeds, spread))
+    axis.legend(handles, labels, **placement)
 
 
 def accuracy_figure(result: dict):
@@ -96,7 +126,6 @@ def accuracy_figure(result: dict):
     (n − 1), named in the legend.
     """
     import matplotlib
-    from matplotlib.patches import Patch
 
     panels = [
         (metric, f"test {metric.replace('test_', '').replace('acc', 'accuracy')} (%)")
@@ -108,21 +137,16 @@ def accuracy_figure(result: dict):
         for axis, (metric, label) in zip(axes, panels):
             for index, procedure in enumerate(result["procedures"]):
                 values = _curves(result, procedure, lambda record, m=metric: record[m])
-                epochs = np.arange(1, values.shape[1] + 1)
-                mean = values.mean(axis=0)
-                colour = f"C{index % 10}"
-                axis.plot(epochs, mean, marker=_marker(len(epochs)), color=colour, label=procedure)
-                if values.shape[0] > 1:
-                    std = values.std(axis=0, ddof=1)
-                    axis.fill_between(epochs, mean - std, mean + std, color=colour, alpha=0.15, linewidth=0)
-            _epoch_axis(axis, label, len(epochs))
-        handles, labels = axes[0].get_legend_handles_labels()
-        if seeds > 1:
-            handles.append(Patch(facecolor="grey", alpha=0.3))
-            labels.append(band_label(seeds))
-        axes[0].legend(handles, labels)
+                epochs = _mean_with_band(axis, values, _procedure_colour(index), procedure)
+            _epoch_axis(axis, label, epochs)
+        _legend_with_band(axes[0], seeds)
         figure.suptitle(_title(result))
     return figure
+
+
+def _procedure_colour(index: int) -> str:
+    """The colour of the ``index``-th procedure of a comparison, the same in every figure."""
+    return f"C{index % 10}"
 
 
 def plot_accuracy(result: dict, path: Path) -> Path:
@@ -211,4 +235,52 @@ def alphas_figure(result: dict):
 def plot_alphas(result: dict, path: Path) -> Optional[Path]:
     """Write :func:`alphas_figure` to ``path``; ``None``, writing nothing, when no procedure learns alphas."""
     figure = alphas_figure(result)
+    return None if figure is None else _save(figure, path)
+
+
+def _cosine_procedures(result: dict) -> List[str]:
+    return [
+        procedure
+        for procedure in result["procedures"]
+        if all(
+            "grad_cosine" in record for run in result["runs"][procedure].values() for record in run["history"]
+        )
+    ]
+
+
+def gradient_cosine_figure(result: dict):
+    """The cosine similarity of the two tasks' gradients per epoch, one line per procedure that measured
+    it in every epoch of every run (mean over the seeds; with more than one seed a band of ± one standard
+    error of that mean, named in the legend: the procedures' spreads overlap, their means are what the
+    figure compares). ``None`` when no procedure measured it.
+
+    Each epoch's value is the mean over the steps measured in it (every ``cosine_every``-th step), both
+    gradients taken at the same weights, so standard training has a curve too.
+    """
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    procedures = _cosine_procedures(result)
+    if not procedures:
+        return None
+    with matplotlib.rc_context(FONTS):
+        # one wide panel, the legend beside it: the curves of all procedures lie close together
+        figure = Figure(figsize=(2 * PANEL_SIZE[0], 1.2 * PANEL_SIZE[1]), layout="constrained")
+        axis = figure.subplots()
+        for procedure in procedures:
+            values = _curves(result, procedure, lambda record: record["grad_cosine"])
+            index = result["procedures"].index(procedure)
+            epochs = _mean_with_band(axis, values, _procedure_colour(index), procedure, spread="se")
+        axis.axhline(0.0, color="black", linewidth=0.8, alpha=0.5)
+        _epoch_axis(axis, "cos(∇L_i, ∇L_j) at the same w", epochs)
+        seeds = len(result["seeds"])
+        _legend_with_band(axis, seeds, "se", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+        figure.suptitle(f"gradient cosine of the two half batches, {_title(result)}")
+    return figure
+
+
+def plot_gradient_cosine(result: dict, path: Path) -> Optional[Path]:
+    """Write :func:`gradient_cosine_figure` to ``path``; ``None``, writing nothing, when no procedure
+    measured the gradient cosine."""
+    figure = gradient_cosine_figure(result)
     return None if figure is None else _save(figure, path)

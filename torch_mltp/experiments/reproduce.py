@@ -72,8 +72,13 @@ def table_rows(
     ]
 
 
+def train_samples(experiment: Experiment) -> int:
+    """The number of training samples: the recipe's ``train_samples``, else the whole training set."""
+    return experiment.recipe.train_samples or TRAIN_SET_SIZES[experiment.dataset]
+
+
 def steps_per_epoch(experiment: Experiment) -> int:
-    steps = math.ceil(TRAIN_SET_SIZES[experiment.dataset] / experiment.recipe.batch_size)
+    steps = math.ceil(train_samples(experiment) / experiment.recipe.batch_size)
     return steps if experiment.limit_train_batches is None else min(steps, experiment.limit_train_batches)
 
 
@@ -119,7 +124,7 @@ def plan_lines(
         f"{len(settings)} (model, procedure) settings x {len(seeds)} seed(s) {tuple(seeds)} = "
         f"{len(settings) * len(seeds)} runs "
         f"of {first.recipe.epochs} epochs, {steps_per_epoch(first)} steps per epoch "
-        f"(batch {first.recipe.batch_size}, {TRAIN_SET_SIZES[first.dataset]} training samples)"
+        f"(batch {first.recipe.batch_size}, {train_samples(first)} training samples)"
     )
     for row in rows:
         yield f"{row.experiment.model}: {row.experiment.recipe}"

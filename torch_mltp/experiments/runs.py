@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Set
 
 import torch
 
@@ -29,6 +29,8 @@ FINAL_FILE = "final.pt"
 RESULT_FILE = "result.json"
 TENSORBOARD_DIR = "tensorboard"
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, FINAL_FILE, RESULT_FILE)
+EXTENDABLE = "experiment.recipe.epochs"
+"""The one setting a stored run may differ in: raising it extends the run."""
 
 
 class ExperimentError(Exception):
@@ -47,16 +49,29 @@ class RunFolder:
         self.path = Path(path)
 
     # -- deciding what to do ---------------------------------------------------------------------
-    def prepare(self, config: dict, epochs: int, overwrite: bool, require_checkpoint: bool) -> Optional[int]:
+    def prepare(
+        self,
+        config: dict,
+        epochs: int,
+        overwrite: bool,
+        require_checkpoint: bool,
+        defaults: Optional[dict] = None,
+        ignored: Iterable[str] = (),
+    ) -> Optional[int]:
         """Check the folder against ``config``; returns the last checkpointed epoch, or ``None`` for a
-        fresh start.  ``overwrite`` deletes a previous run first."""
+        fresh start.  ``overwrite`` deletes a previous run first.
+
+        ``defaults`` (nested like ``config``): the value of a setting that a stored configuration lacks
+        (it was written before the setting existed). ``ignored``: dotted names of settings that may
+        differ (``experiment.recipe.epochs`` always may: a run can be extended).
+        """
         if overwrite:
             for name in RUN_FILES:
                 (self.path / name).unlink(missing_ok=True)
             shutil.rmtree(self.path / TENSORBOARD_DIR, ignore_errors=True)
         elif (self.path / CONFIG_FILE).exists():
-            stored = json.loads((self.path / CONFIG_FILE).read_text())
-            changed = _differences({key: stored.get(key) for key in config}, config)
+            stored = _with_defaults(json.loads((self.path / CONFIG_FILE).read_text()), defaults or {})
+            changed = _differences({key: stored.get(key) for key in config}, config, {EXTENDABLE, *ignored})
             if changed:
                 raise ExperimentError(
                     f"{self.path} holds a run with other settings ({'; '.join(changed)}); "
@@ -114,13 +129,24 @@ class RunFolder:
         _write_json(result, self.path / RESULT_FILE)
 
 
-def _differences(stored: dict, wanted: dict, prefix: str = "") -> List[str]:
+def _with_defaults(stored: dict, defaults: dict) -> dict:
+    """``stored`` with every setting of ``defaults`` that it lacks (nested dictionaries merged)."""
+    merged = dict(stored)
+    for key, default in defaults.items():
+        if key not in merged:
+            merged[key] = default
+        elif isinstance(default, dict) and isinstance(merged[key], dict):
+            merged[key] = _with_defaults(merged[key], default)
+    return merged
+
+
+def _differences(stored: dict, wanted: dict, ignored: Set[str], prefix: str = "") -> List[str]:
     found = []
     for key in sorted(set(stored) | set(wanted)):
         old, new = stored.get(key), wanted.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
-            found += _differences(old, new, f"{prefix}{key}.")
-        elif old != new and f"{prefix}{key}" != "experiment.recipe.epochs":
+            found += _differences(old, new, ignored, f"{prefix}{key}.")
+        elif old != new and f"{prefix}{key}" not in ignored:
             found.append(f"{prefix}{key}: {old!r} there, {new!r} now")
     return found
 

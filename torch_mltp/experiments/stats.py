@@ -1,8 +1,8 @@
-"""Summary statistics over seeds: mean ± std and the paired difference with a Student-t interval.
+"""Summary statistics over seeds: mean ± std, and the paired difference to a baseline with a Student-t
+interval, a paired t-test and a sign-flip permutation test.
 
-The Student-t quantile is computed here (no scipy): the t CDF through the regularized
-incomplete beta function (continued fraction, modified Lentz), inverted by bisection to
-machine precision. It is exact for every number of degrees of freedom, not a table.
+A pair is one seed: the same initial weights and data order for both procedures, so the difference of a
+pair is free of the variation between seeds.
 """
 
 from __future__ import annotations
@@ -11,62 +11,15 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
+import numpy as np
+from scipy import stats
 
-def _beta_continued_fraction(a: float, b: float, x: float) -> float:
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    result = d
-    for m in range(1, 1000):
-        for numerator in (
-            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
-        ):
-            d = 1.0 + numerator * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + numerator / c
-            c = c if abs(c) > tiny else tiny
-            result *= c * d
-        if abs(c * d - 1.0) < 1e-16:
-            break
-    return result
-
-
-def regularized_incomplete_beta(a: float, b: float, x: float) -> float:
-    """I_x(a, b) for a, b > 0 and 0 <= x <= 1."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _beta_continued_fraction(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _beta_continued_fraction(b, a, 1.0 - x) / b
-
-
-def student_t_cdf(t: float, df: float) -> float:
-    """P(T <= t) for Student's t distribution with ``df`` degrees of freedom."""
-    tail = 0.5 * regularized_incomplete_beta(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t > 0 else tail
-
-
-def student_t_quantile(p: float, df: float) -> float:
-    """The t with P(T <= t) = p, for 0 < p < 1 and df > 0."""
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"p must lie strictly between 0 and 1, got {p}")
-    if p < 0.5:
-        return -student_t_quantile(1.0 - p, df)
-    low, high = 0.0, 1.0
-    while student_t_cdf(high, df) < p:
-        low, high = high, 2.0 * high
-    while True:
-        middle = 0.5 * (low + high)
-        if middle in (low, high):
-            return middle
-        if student_t_cdf(middle, df) < p:
-            low = middle
-        else:
-            high = middle
+MAX_EXACT_SIGN_FLIPS = 20
+"""Up to this many pairs the sign-flip test enumerates all ``2**n`` sign patterns (about a million for
+20); beyond it, it draws :data:`SIGN_FLIP_DRAWS` random patterns."""
+SIGN_FLIP_DRAWS = 100_000
+SIGN_FLIP_SEED = 0
+"""Seed of the Monte-Carlo sign patterns, so that a summary is reproducible."""
 
 
 def mean_std(values: Sequence[float]) -> Tuple[float, float]:
@@ -81,14 +34,56 @@ def mean_std(values: Sequence[float]) -> Tuple[float, float]:
 
 
 @dataclass(frozen=True)
+class SignFlipTest:
+    """Two-sided sign-flip permutation test of ``mean(differences) = 0``."""
+
+    p_value: float
+    draws: Optional[int]
+    """``None``: exact (every sign pattern); else the number of random patterns drawn."""
+
+
+def sign_flip_test(differences: Sequence[float]) -> SignFlipTest:
+    """P(|sum of s_k d_k| >= |sum of d_k|) over independent random signs s_k = ±1.
+
+    Under the null hypothesis that each paired difference is symmetric around 0, every sign pattern is
+    equally likely. Up to :data:`MAX_EXACT_SIGN_FLIPS` differences all ``2**n`` patterns are enumerated
+    (the observed one included), so the p-value is a multiple of ``2**-n``; with more, the p-value is
+    ``(1 + hits) / (1 + draws)`` over :data:`SIGN_FLIP_DRAWS` patterns drawn with seed
+    :data:`SIGN_FLIP_SEED`. Sums within a few ulps of the observed one count as hits.
+    """
+    values = np.asarray(differences, dtype=np.float64)
+    if values.ndim != 1 or values.size == 0:
+        raise ValueError("sign_flip_test needs a non-empty sequence of differences")
+    observed = abs(values.sum())
+    tolerance = 64 * np.finfo(np.float64).eps * np.abs(values).sum()
+    if values.size <= MAX_EXACT_SIGN_FLIPS:
+        sums = np.zeros(1)
+        for value in values:  # the sums of every sign pattern of the values so far
+            sums = np.concatenate([sums + value, sums - value])
+        return SignFlipTest(float(np.mean(np.abs(sums) >= observed - tolerance)), None)
+    generator = np.random.default_rng(SIGN_FLIP_SEED)
+    hits = 0
+    for start in range(0, SIGN_FLIP_DRAWS, 10_000):
+        signs = generator.choice((-1.0, 1.0), size=(min(10_000, SIGN_FLIP_DRAWS - start), values.size))
+        hits += int(np.count_nonzero(np.abs(signs @ values) >= observed - tolerance))
+    return SignFlipTest((1 + hits) / (1 + SIGN_FLIP_DRAWS), SIGN_FLIP_DRAWS)
+
+
+@dataclass(frozen=True)
 class PairedDifference:
-    """Mean of ``treatment - baseline`` over paired seeds with a two-sided Student-t interval."""
+    """Mean of ``treatment - baseline`` over paired seeds, its two-sided Student-t interval and the
+    two-sided p-values of a paired t-test and of a sign-flip permutation test."""
 
     mean: float
     low: Optional[float]
     high: Optional[float]
     n: int
     confidence: float
+    p_t: Optional[float]
+    """Paired t-test (``scipy.stats.ttest_rel``); ``None`` with one pair or identical differences."""
+    p_sign_flip: float
+    sign_flip_draws: Optional[int]
+    """``None``: the sign-flip p-value is exact; else the number of random sign patterns."""
 
     def to_dict(self) -> dict:
         return {
@@ -97,22 +92,33 @@ class PairedDifference:
             "high": self.high,
             "n": self.n,
             "confidence": self.confidence,
+            "p_t": self.p_t,
+            "p_sign_flip": self.p_sign_flip,
+            "sign_flip_draws": self.sign_flip_draws,
         }
 
 
 def paired_difference(
     baseline: Sequence[float], treatment: Sequence[float], confidence: float = 0.95
 ) -> PairedDifference:
-    """Paired t interval for the mean of ``treatment[k] - baseline[k]`` (k: the seed).
+    """Paired statistics of ``treatment[k] - baseline[k]`` (k: the seed).
 
-    With a single pair there is no interval (``low`` and ``high`` are ``None``).
+    The interval is ``mean ± t_{(1 + confidence) / 2, n - 1} * sd / sqrt(n)``. With a single pair there is
+    no interval (``low`` and ``high`` are ``None``) and no t-test; when every difference is the same the
+    interval has width 0 and the t-test is undefined (``p_t`` is ``None``).
     """
     if len(baseline) != len(treatment) or not baseline:
         raise ValueError("paired_difference needs two equally long, non-empty sequences (one value per seed)")
     differences = [t - b for b, t in zip(baseline, treatment)]
     mean, std = mean_std(differences)
     n = len(differences)
+    flips = sign_flip_test(differences)
     if n == 1:
-        return PairedDifference(mean, None, None, n, confidence)
-    half_width = student_t_quantile(0.5 + confidence / 2.0, n - 1) * std / math.sqrt(n)
-    return PairedDifference(mean, mean - half_width, mean + half_width, n, confidence)
+        return PairedDifference(mean, None, None, n, confidence, None, flips.p_value, flips.draws)
+    half_width = float(stats.t.ppf(0.5 + confidence / 2.0, n - 1)) * std / math.sqrt(n)
+    p_t = None
+    if max(differences) - min(differences) > 1e-12 * max(abs(d) for d in differences):
+        p_t = float(stats.ttest_rel(treatment, baseline).pvalue)
+    return PairedDifference(
+        mean, mean - half_width, mean + half_width, n, confidence, p_t, flips.p_value, flips.draws
+    )

@@ -1,10 +1,12 @@
 """One training run: the same loop for every procedure, checkpointed so that a resume is exact.
 
 The procedure only decides how the optimizer is built (:func:`build_optimizer`) and how a step is
-taken (:func:`training_step`). The data order of epoch ``e`` is drawn from a generator seeded by
-``(seed, e)``, and each epoch's checkpoint holds the model, the optimizer (with the alphas), the
-scheduler and the torch / CUDA / Python / NumPy RNG states (of every process), so a run resumed
-from any epoch ends with the same weights as an uninterrupted one (bit-identical on CPU).
+taken (:func:`training_step`). Before every ``cosine_every``-th step, for every procedure, a
+measurement that leaves the training unchanged records the cosine between the gradients of the
+batch's two halves (:func:`.probes.gradient_cosine`). The data order of epoch ``e`` is drawn from a
+generator seeded by ``(seed, e)``, and each epoch's checkpoint holds the model, the optimizer (with
+the alphas), the scheduler and the torch / CUDA / Python / NumPy RNG states (of every process), so a
+run resumed from any epoch ends with the same weights as an uninterrupted one (bit-identical on CPU).
 
 Under ``torchrun`` the model is wrapped in ``DistributedDataParallel``, each process trains on its
 shard of every epoch (``DistributedSampler``) with the recipe's batch size, the metrics are summed
@@ -33,12 +35,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 import torch_mltp
 from torch_mltp import MLTPOptimizer, task_closures
+from torch_mltp.checkpoint import ALPHA_GROUP_KEY
 from torch_mltp.data import DataSplits, load_dataset
 from torch_mltp.models import build_model
 
 from . import distributed
 from .distributed import SINGLE_PROCESS, Processes
-from .recipes import MLTP_MODES, Recipe
+from .probes import gradient_cosine
+from .recipes import ALPHA_POLICIES, MLTP_MODES, MLTP_ONLY_FIELDS, TRAIN_SUBSET_SEED, Recipe
 from .runs import TENSORBOARD_DIR, ExperimentError, RunFolder, json_normal
 
 log = logging.getLogger(__name__)
@@ -54,9 +58,13 @@ __all__ = [
     "evaluate",
     "train_run",
     "training_step",
+    "training_subset",
 ]
 
 TASK_SCOPES = ("local", "global")
+DEFAULT_COSINE_EVERY = 4
+"""Measure the gradient cosine before every 4th step: a measurement costs about one step of standard
+training, so this adds about a quarter of standard training's time and less to MLTP's."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +102,10 @@ class RunOptions:
     """``--resume``: fail unless the run folder holds a checkpoint to continue from."""
     tasks: str = "local"
     """Under torchrun: MLTP's tasks per process (``local``) or over all processes (``global``)."""
+    cosine_every: int = DEFAULT_COSINE_EVERY
+    """Measure the gradient cosine of the two tasks (:func:`.probes.gradient_cosine`) before every
+    ``cosine_every``-th training step of an epoch, starting with its first; 0: never. The measurement
+    does not change the training."""
 
 
 @dataclass
@@ -148,6 +160,14 @@ def build_optimizer(
     mode = MLTP_MODES[procedure]
     if mode is None:
         return base
+    if recipe.alpha_policy not in ALPHA_POLICIES:
+        raise ExperimentError(
+            f"unknown alpha policy {recipe.alpha_policy!r}; choose from {', '.join(ALPHA_POLICIES)}"
+        )
+    if recipe.alpha_policy == "fixed" and recipe.alpha_lr is not None:
+        raise ExperimentError(
+            "--alpha-lr is the learning rate of learned alphas: drop it with --alpha-policy fixed"
+        )
     try:
         return MLTPOptimizer(
             base,
@@ -155,10 +175,34 @@ def build_optimizer(
             eta=recipe.eta,
             alpha_init=(recipe.alpha_mean, recipe.alpha_std),
             mode=mode,
+            learn_alpha=recipe.alpha_policy != "fixed",
+            alpha_lr=recipe.alpha_lr,
+            alpha_min=0.0 if recipe.alpha_policy == "nonnegative" else None,
             tasks=tasks,
         )
     except ValueError as err:
         raise ExperimentError(f"procedure {procedure} cannot train this model: {err}") from None
+
+
+def alpha_learning_rate(optimizer: torch.optim.Optimizer) -> Optional[float]:
+    """The current learning rate of the learned alphas; ``None`` when ``optimizer`` learns none."""
+    for group in optimizer.param_groups:
+        if group.get(ALPHA_GROUP_KEY):
+            return group["lr"]
+    return None
+
+
+def training_subset(dataset: Dataset, samples: Optional[int]) -> Dataset:
+    """The first ``samples`` indices of one fixed permutation of ``dataset`` (seed
+    :data:`.recipes.TRAIN_SUBSET_SEED`, independent of the run seed); ``None``: the whole data set."""
+    if samples is None:
+        return dataset
+    if not 1 <= samples <= len(dataset):
+        raise ExperimentError(
+            f"--train-samples {samples} does not fit the training set of {len(dataset)} samples"
+        )
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(TRAIN_SUBSET_SEED))
+    return Subset(dataset, order[:samples].tolist())
 
 
 def build_model_for(experiment: Experiment, data: DataSplits) -> nn.Module:
@@ -200,8 +244,8 @@ class TrainTally:
     """
 
     def __init__(self, device: torch.device):
-        # loss sum, correct predictions, objective sum, samples, steps: one tensor, one all-reduce
-        self.sums = torch.zeros(5, dtype=torch.float64, device=device)
+        # loss sum, correct predictions, objective sum, samples, steps, cosine sum, cosines: one all-reduce
+        self.sums = torch.zeros(7, dtype=torch.float64, device=device)
 
     def loss_fn(self, model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """Cross-entropy of ``model`` on a batch, recorded in this tally."""
@@ -220,15 +264,27 @@ class TrainTally:
         self.sums[2] += objective.double()
         self.sums[4] += 1
 
+    def add_cosine(self, cosine: torch.Tensor) -> None:
+        """Count a measured gradient cosine; a NaN one (a zero gradient) is left out."""
+        finite = cosine.isfinite()
+        self.sums[5] += torch.where(finite, cosine.double(), 0.0)
+        self.sums[6] += finite
+
     def summary(self, processes: Processes = SINGLE_PROCESS) -> Dict[str, float]:
-        """Means over every process's samples (and steps)."""
-        loss_sum, correct, objective_sum, samples, steps = processes.sum(self.sums.clone()).tolist()
-        return {
+        """Means over every process's samples (and steps, and measured cosines)."""
+        loss_sum, correct, objective_sum, samples, steps, cosine_sum, cosines = processes.sum(
+            self.sums.clone()
+        ).tolist()
+        summary = {
             "train_loss": loss_sum / samples,
             "train_acc": 100.0 * correct / samples,
             "train_objective": objective_sum / steps,
             "train_samples": int(samples),
         }
+        if cosines:
+            summary["grad_cosine"] = cosine_sum / cosines
+            summary["grad_cosine_steps"] = int(cosines)
+        return summary
 
 
 def data_order_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
@@ -287,22 +343,40 @@ def train_one_epoch(
     description: str,
     progress: bool,
     processes: Processes = SINGLE_PROCESS,
+    cosine_every: int = 0,
+    probed_model: Optional[nn.Module] = None,
 ) -> Dict[str, float]:
+    """Train ``model`` for one epoch; the train metrics, and the mean gradient cosine of the steps
+    measured (every ``cosine_every``-th, on ``probed_model``, by default ``model``; the time the
+    measurements took is ``grad_cosine_time_s``)."""
     from tqdm.auto import tqdm
 
     model.train()
+    probed_model = model if probed_model is None else probed_model
     tally = TrainTally(device)
     loss_fn = tally.loss_fn(model)
+    probe_seconds = 0.0
     total = len(loader) if limit is None else min(limit, len(loader))
     with tqdm(total=total, desc=description, leave=False, disable=not progress, unit="batch") as bar:
         for index, (x, y) in enumerate(itertools.islice(loader, total)):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if cosine_every and index % cosine_every == 0 and len(x) >= 2:  # two tasks need two samples
+                started = time.perf_counter()
+                tally.add_cosine(gradient_cosine(probed_model, _cross_entropy(probed_model), x, y))
+                probe_seconds += time.perf_counter() - started
             tally.add_objective(training_step(optimizer, loss_fn, x, y))
             bar.update()
             if progress and (index % 10 == 0 or index + 1 == total):
                 stats = tally.summary()
                 bar.set_postfix(loss=f"{stats['train_loss']:.3f}", acc=f"{stats['train_acc']:.1f}%")
-    return tally.summary(processes)
+    summary = tally.summary(processes)
+    if cosine_every:
+        summary["grad_cosine_time_s"] = probe_seconds
+    return summary
+
+
+def _cross_entropy(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    return lambda x, y: F.cross_entropy(model(x), y)
 
 
 @torch.no_grad()
@@ -384,11 +458,23 @@ def versions() -> Dict[str, str]:
 
 
 def run_config(experiment: Experiment, procedure: str, seed: int, processes: Processes, tasks: str) -> dict:
-    """The settings that determine a run's results (the number of epochs may grow on resume)."""
+    """The settings that determine a run's results (the number of epochs may grow on resume).
+
+    A standard run records the recipe's MLTP-only fields as ``None``: it does not use them.
+    """
     config = {"experiment": experiment.to_dict(), "procedure": procedure, "seed": seed}
+    if MLTP_MODES[procedure] is None:
+        config["experiment"]["recipe"].update(dict.fromkeys(MLTP_ONLY_FIELDS))
     if processes.distributed:
         config["distributed"] = {"processes": processes.world_size, "tasks": tasks}
     return json_normal(config)
+
+
+def settings_ignored_by(procedure: str) -> Tuple[str, ...]:
+    """Dotted names of the recipe settings that a run of ``procedure`` does not depend on."""
+    if MLTP_MODES[procedure] is not None:
+        return ()
+    return tuple(f"experiment.recipe.{name}" for name in MLTP_ONLY_FIELDS)
 
 
 def _summary_writer_class():
@@ -403,21 +489,32 @@ def _summary_writer_class():
 
 def _epoch_line(procedure: str, seed: int, record: dict, epochs: int) -> str:
     top5 = f" top5 {record['test_top5']:.2f}%" if "test_top5" in record else ""
+    cosine = f" | grad cosine {record['grad_cosine']:.3f}" if "grad_cosine" in record else ""
     return (
         f"{procedure} seed {seed} epoch {record['epoch']}/{epochs}: "
         f"train loss {record['train_loss']:.4f} acc {record['train_acc']:.2f}% | "
-        f"test loss {record['test_loss']:.4f} acc {record['test_acc']:.2f}%{top5} | "
+        f"test loss {record['test_loss']:.4f} acc {record['test_acc']:.2f}%{top5}{cosine} | "
         f"{record['epoch_time_s']:.1f}s"
     )
 
 
-def _open_folder(folder: RunFolder, config: dict, epochs: int, options: RunOptions, processes: Processes):
+def _open_folder(
+    folder: RunFolder, config: dict, procedure: str, epochs: int, options: RunOptions, processes: Processes
+):
     """The main process checks (and, with ``overwrite``, clears) the folder; every process gets
     its verdict: the last checkpointed epoch, or the error to raise."""
     verdict: Tuple[Optional[int], Optional[str]] = (None, None)
     if processes.is_main:
         try:
-            verdict = (folder.prepare(config, epochs, options.overwrite, options.require_checkpoint), None)
+            last_epoch = folder.prepare(
+                config,
+                epochs,
+                options.overwrite,
+                options.require_checkpoint,
+                defaults=json_normal({"experiment": {"recipe": Recipe.field_defaults()}}),
+                ignored=settings_ignored_by(procedure),
+            )
+            verdict = (last_epoch, None)
         except ExperimentError as err:
             verdict = (None, str(err))
     last_epoch, error = processes.share(verdict)
@@ -501,16 +598,19 @@ def train_run(
         raise ExperimentError("MLTP splits each batch into two tasks: --batch-size must be at least 2")
     if options.tasks not in TASK_SCOPES:
         raise ExperimentError(f"tasks must be one of {TASK_SCOPES}, got {options.tasks!r}")
+    if options.cosine_every < 0:
+        raise ExperimentError(f"cosine_every must be >= 0, got {options.cosine_every}")
     processes = distributed.current()
     device = resolve_device(processes.device(options.device))
     folder = RunFolder(Path(run_dir))
     config = run_config(experiment, procedure, seed, processes, options.tasks)
-    last_epoch = _open_folder(folder, config, recipe.epochs, options, processes)
+    last_epoch = _open_folder(folder, config, procedure, recipe.epochs, options, processes)
     if folder.finished(last_epoch, recipe.epochs):
         return RunResult(folder.path, procedure, seed, folder.history(last_epoch), reused=True)
     summary_writer = _summary_writer_class() if options.tensorboard and processes.is_main else None
     if data is None:
         data = load_dataset(experiment.dataset, options.data_root, download=options.download)
+    data = dataclasses.replace(data, train=training_subset(data.train, recipe.train_samples))
 
     seed_everything(seed)
     training = _build_training(experiment, procedure, data, device, processes, options.tasks)
@@ -595,10 +695,15 @@ def _train_epoch(
             f"{procedure} seed {seed} epoch {epoch}/{recipe.epochs}",
             options.progress and processes.is_main,
             processes,
+            options.cosine_every,
+            training.model,  # outside a DistributedDataParallel wrapper: a measurement, no gradient sync
         )
     except FloatingPointError as err:
         raise ExperimentError(f"training diverged in epoch {epoch} ({err}); lower --lr") from None
     record = {"epoch": epoch, "lr": lr, **metrics, "epoch_time_s": time.perf_counter() - started}
+    alpha_lr = alpha_learning_rate(training.optimizer)
+    if alpha_lr is not None:
+        record["alpha_lr"] = alpha_lr
     training.scheduler.step()
     if isinstance(training.optimizer, MLTPOptimizer):
         record["alphas"] = {name: a.detach().cpu().tolist() for name, a in training.optimizer.alphas.items()}

@@ -1,0 +1,97 @@
+"""The MNIST-1D study driver: its commands, the docs that list them, and a one-seed, one-epoch smoke run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from torch_mltp.experiments import compare as compare_module
+from torch_mltp.experiments import study
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_results_page_lists_every_command_of_the_driver():
+    page = (REPO / "docs" / "results.md").read_text()
+    for comparison in study.comparisons():
+        assert f"\n{comparison.command(Path('runs/study'))}\n" in page, comparison.name
+
+
+def test_the_study_grid():
+    comparisons = {comparison.name: comparison for comparison in study.comparisons()}
+    assert list(comparisons)[:4] == ["mlp-n4000", "cnn-n4000", "mlp-n1000", "cnn-n1000"]
+    assert len(comparisons) == 4 + 2 + 3 + 2 + 2
+    argv = comparisons["cnn-n1000"].argv(Path("runs/study"))
+    assert argv[argv.index("--procedures") + 1 : argv.index("--train-samples")] == [
+        "standard", "mltp", "mltp_conv", "mltp_fc", "mltp_fo",
+    ]  # fmt: skip
+    assert argv[argv.index("--seeds") + 1 : argv.index("--threads")] == [str(seed) for seed in range(20)]
+    sweeps = [comparison for name, comparison in comparisons.items() if not name.endswith(("n4000", "n1000"))]
+    for comparison in sweeps:  # every sweep shares the main MLP comparison's standard runs
+        argv = comparison.argv(Path("runs/study"))
+        assert argv[argv.index("--baseline-dir") + 1] == "runs/study/mlp-n4000"
+        assert "mnist1d_mlp" in argv and "--train-samples" not in argv
+    assert "--alpha-policy fixed" in comparisons["mlp-alpha-policy-fixed"].command(Path("runs/study"))
+
+
+@pytest.fixture
+def quick_figures(monkeypatch):
+    """Figures as empty PNG headers: drawing 39 real ones would take most of the smoke test's time
+    (tests/test_plots.py and tests/test_cli.py draw real ones)."""
+
+    def write(result, path):
+        path.write_bytes(b"\x89PNG\r\n\x1a\n")
+        return path
+
+    for name in ("plot_accuracy", "plot_alphas", "plot_gradient_cosine"):
+        monkeypatch.setattr(compare_module, name, write)
+
+
+def test_one_seed_one_epoch_smoke_of_the_whole_study(data_root, tmp_path, capsys, quick_figures):
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    smoke = ["--seeds", "0", "--epochs", "1", "--limit-train-batches", "1", "--limit-test-batches", "1"]
+    argv = ["--runs-root", str(runs), "--results-root", str(results), "--data-root", str(data_root), *smoke]
+    assert study.main([*argv, "--no-progress"]) == 0
+    for comparison in study.comparisons():
+        summary = results / comparison.name
+        figures = {"accuracy.png", "alphas.png", "grad_cosine.png"} if comparison.figures else set()
+        assert {p.name for p in summary.iterdir()} == {"results.json", "table.md", *figures}, comparison.name
+        assert comparison.figures == (comparison.baseline is None)  # the sweeps' figures stay in the runs
+        stored = json.loads((summary / "results.json").read_text())
+        assert "runs" not in stored and stored["seeds"] == [0]
+        assert stored["experiment"]["recipe"]["epochs"] == 1
+    assert not list(results.rglob("*.pt"))  # checkpoints stay under the runs root
+    # the sweeps trained only their MLTP runs; their standard runs are the main MLP comparison's
+    assert {p.name for p in (runs / "mlp-eta-0.5").iterdir() if p.is_dir()} == {"mltp-seed0", "mltp_fo-seed0"}
+    assert sum(1 for _ in runs.rglob("standard-seed0")) == 4  # mlp and cnn, 4,000 and 1,000 samples
+    low_data = json.loads((results / "cnn-n1000" / "results.json").read_text())["experiment"]["recipe"]
+    assert (low_data["train_samples"], low_data["milestones"]) == (1000, [100])
+    fixed = json.loads((results / "mlp-alpha-policy-fixed" / "results.json").read_text())
+    assert fixed["experiment"]["recipe"]["alpha_policy"] == "fixed"
+    table = (results / "sweep-eta" / "table.md").read_text()
+    settings = [line.split(" | ")[:2] for line in table.splitlines() if line.startswith("| --eta")]
+    assert settings == [
+        ["| --eta 1 (preset)", "standard"], ["| --eta 1 (preset)", "mltp"], ["| --eta 1 (preset)", "mltp_fo"],
+        ["| --eta 0.5", "mltp"], ["| --eta 0.5", "mltp_fo"], ["| --eta 2", "mltp"], ["| --eta 2", "mltp_fo"],
+    ]  # fmt: skip
+    assert all((results / f"sweep-{sweep.knob}" / "table.md").exists() for sweep in study.SWEEPS)
+    printed = capsys.readouterr().out.splitlines()
+    assert any(
+        line.startswith("== [13/13] mlp-alpha-lr-0.0001: torch-mltp compare --dataset") for line in printed
+    )
+    baseline_lines = [line for line in printed if line.endswith(f"({runs / 'mlp-n4000' / 'standard-seed0'})")]
+    assert len(baseline_lines) == 1 + 9  # trained once, reused by the 9 sweep comparisons; each printed once
+    assert sum(": reused, test acc" in line for line in baseline_lines) == 9
+
+
+def test_list_prints_the_commands_and_only_selects(capsys):
+    assert study.main(["--list", "--only", "cnn-n4000", "mlp-eta-2"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        study.comparisons()[1].command(Path("runs/study")),
+        next(c for c in study.comparisons() if c.name == "mlp-eta-2").command(Path("runs/study")),
+    ]
+    with pytest.raises(SystemExit):
+        study.main(["--list", "--only", "mlp-eta-3"])
+    assert "unknown comparison(s) mlp-eta-3" in capsys.readouterr().err

@@ -1,0 +1,213 @@
+"""The study "does MLTP improve generalisation on MNIST-1D?" as a list of ``torch-mltp compare`` commands.
+
+``python -m torch_mltp.experiments.study`` runs them one after another from the repository root: the runs
+(with their checkpoints) go to ``runs/study/<name>/``, and the summary of each comparison (results.json
+without the per-epoch histories, table.md and, for the four main comparisons, the figures) is copied to
+``docs/results/<name>/``. Each sensitivity sweep also gets one table over its values in
+``docs/results/sweep-<knob>/table.md``.
+Options it does not know (``--seeds 0 --epochs 1 --limit-train-batches 2``, ``--data-root``) are
+appended to every command, so that the same driver runs as a quick smoke test. ``--list`` prints the
+commands without running them. A comparison that fails is reported and the next one runs.
+
+The sensitivity sweeps vary one MLTP setting of the MLP at a time. Standard training does not use these
+settings, so every sweep takes its standard runs from the main MLP comparison (``--baseline-dir``), and the
+sweep's preset value is not run again: its rows are the main comparison's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+from .cli import main as command_line
+from .cli import messages_to_stdout
+from .compare import markdown_table
+
+log = logging.getLogger(__name__)
+
+SEEDS = tuple(range(20))
+LOW_DATA = ("--train-samples", "1000", "--epochs", "150", "--milestones", "100")
+"""1,000 training samples are 8 steps per epoch: 150 epochs (lr / 10 after 100) bring standard training to
+its plateau, as the preset's 100 epochs of 32 steps do on the 4,000."""
+SUMMARY_FILES = ("table.md", "accuracy.png", "alphas.png", "grad_cosine.png")
+"""What a comparison's summary holds besides results.json (the figures last)."""
+SWEEP_PROCEDURES = ("standard", "mltp", "mltp_fo")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One ``torch-mltp compare`` command of the study; its runs go to ``<runs root>/<name>``."""
+
+    name: str
+    arguments: Tuple[str, ...]
+    baseline: Optional[str] = None
+    """The comparison whose standard runs this one shares (``--baseline-dir``)."""
+    figures: bool = True
+    """Copy the figures to the results folder too (else they stay in the runs folder)."""
+
+    def argv(self, runs_root: Path) -> List[str]:
+        argv = [
+            "compare",
+            "--dataset",
+            "mnist1d",
+            *self.arguments,
+            "--seeds",
+            *map(str, SEEDS),
+            "--threads",
+            "1",
+        ]
+        argv += ["--out", str(runs_root / self.name)]
+        if self.baseline is not None:
+            argv += ["--baseline-dir", str(runs_root / self.baseline)]
+        return argv
+
+    def command(self, runs_root: Path) -> str:
+        return shlex.join(["torch-mltp", *self.argv(runs_root)])
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One MLTP setting of the MLP varied over ``values``; ``preset`` is the value of the main comparison."""
+
+    knob: str
+    option: str
+    preset: str
+    values: Tuple[str, ...]
+
+    def comparison(self, value: str) -> Comparison:
+        arguments = ("--model", "mnist1d_mlp", "--procedures", *SWEEP_PROCEDURES, self.option, value)
+        return Comparison(f"mlp-{self.knob}-{value}", arguments, baseline="mlp-n4000", figures=False)
+
+    def label(self, value: str) -> str:
+        return f"{self.option} {value}" + (" (preset)" if value == self.preset else "")
+
+
+def _main_comparison(
+    model: str, procedures: Sequence[str], regime: Tuple[str, ...], samples: int
+) -> Comparison:
+    short = model.replace("mnist1d_", "")
+    return Comparison(f"{short}-n{samples}", ("--model", model, "--procedures", *procedures, *regime))
+
+
+MLP_PROCEDURES = ("standard", "mltp", "mltp_fo")
+"""Every layer of the MLP is an ``nn.Linear``: ``mltp_fc`` is ``mltp`` there (bit-identical runs), and
+``mltp_conv`` has no layer to act on."""
+CNN_PROCEDURES = ("standard", "mltp", "mltp_conv", "mltp_fc", "mltp_fo")
+MAIN = (
+    _main_comparison("mnist1d_mlp", MLP_PROCEDURES, (), 4000),
+    _main_comparison("mnist1d_cnn", CNN_PROCEDURES, (), 4000),
+    _main_comparison("mnist1d_mlp", MLP_PROCEDURES, LOW_DATA, 1000),
+    _main_comparison("mnist1d_cnn", CNN_PROCEDURES, LOW_DATA, 1000),
+)
+SWEEPS = (
+    Sweep("eta", "--eta", "1", ("0.5", "2")),
+    Sweep("alpha-mean", "--alpha-mean", "0.001", ("0.01", "0.05", "0.2")),
+    Sweep("alpha-policy", "--alpha-policy", "learned", ("nonnegative", "fixed")),
+    Sweep("alpha-lr", "--alpha-lr", "tied", ("0.001", "0.0001")),
+)
+
+
+def comparisons() -> List[Comparison]:
+    """Every comparison of the study, in the order the driver runs them (the baseline first)."""
+    return [*MAIN, *(sweep.comparison(value) for sweep in SWEEPS for value in sweep.values)]
+
+
+def write_summary(run_folder: Path, results_folder: Path, figures: bool = True) -> List[Path]:
+    """Copy a comparison's summary from ``run_folder`` to ``results_folder``: results.json without the
+    per-epoch histories of the runs (they stay in ``run_folder``), table.md and (``figures``) the
+    figures."""
+    results_folder.mkdir(parents=True, exist_ok=True)
+    result = json.loads((run_folder / "results.json").read_text())
+    result.pop("runs", None)
+    written = [results_folder / "results.json"]
+    written[0].write_text(json.dumps(result, indent=2) + "\n")
+    for name in SUMMARY_FILES if figures else SUMMARY_FILES[:1]:
+        if (run_folder / name).exists():
+            written.append(Path(shutil.copy2(run_folder / name, results_folder / name)))
+    return written
+
+
+def sweep_table(sweep: Sweep, results_root: Path) -> Optional[str]:
+    """One table over the values of ``sweep`` from the summaries in ``results_root``: the preset value's
+    rows (standard included) from the main MLP comparison, then the MLTP rows of each other value.
+    ``None`` while a summary is missing."""
+    folders = [("mlp-n4000", sweep.preset), *((sweep.comparison(v).name, v) for v in sweep.values)]
+    if not all((results_root / folder / "results.json").exists() for folder, _ in folders):
+        return None
+    rows = []
+    for index, (folder, value) in enumerate(folders):
+        result = json.loads((results_root / folder / "results.json").read_text())
+        wanted = SWEEP_PROCEDURES if index == 0 else SWEEP_PROCEDURES[1:]
+        procedures = [procedure for procedure in result["procedures"] if procedure in wanted]
+        rows.append({**result, "procedures": procedures, "label": sweep.label(value)})
+    return markdown_table(rows, first_column="setting")
+
+
+def run_study(
+    selected: Sequence[Comparison], runs_root: Path, results_root: Path, extra: Sequence[str]
+) -> List[str]:
+    """Run ``selected`` one after another, each followed by its summary, then the sweep tables whose
+    summaries are complete; returns the names of the comparisons that failed."""
+    failed = []
+    for index, comparison in enumerate(selected, start=1):
+        argv = [*comparison.argv(runs_root), *extra]
+        log.info(
+            "== [%d/%d] %s: %s", index, len(selected), comparison.name, shlex.join(["torch-mltp", *argv])
+        )
+        if command_line(argv) != 0:
+            failed.append(comparison.name)
+            continue
+        write_summary(runs_root / comparison.name, results_root / comparison.name, comparison.figures)
+    for sweep in SWEEPS:
+        table = sweep_table(sweep, results_root)
+        if table is not None:
+            folder = results_root / f"sweep-{sweep.knob}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "table.md").write_text(table)
+    return failed
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m torch_mltp.experiments.study",
+        description="Run the MNIST-1D study's comparisons one after another (see docs/results.md). "
+        "Other options are appended to every torch-mltp compare command.",
+    )
+    parser.add_argument("--list", action="store_true", help="print the commands and exit")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these comparisons")
+    parser.add_argument("--runs-root", type=Path, default=Path("runs/study"), help="default: runs/study")
+    parser.add_argument(
+        "--results-root", type=Path, default=Path("docs/results"), help="summaries; default: docs/results"
+    )
+    args, extra = parser.parse_known_args(argv)
+    selected = comparisons()
+    if args.only:
+        unknown = sorted(set(args.only) - {comparison.name for comparison in selected})
+        if unknown:
+            parser.error(
+                f"unknown comparison(s) {', '.join(unknown)}; choose from "
+                + ", ".join(comparison.name for comparison in selected)
+            )
+        selected = [comparison for comparison in selected if comparison.name in args.only]
+    if args.list:
+        for comparison in selected:
+            print(comparison.command(args.runs_root))
+        return 0
+    with messages_to_stdout():
+        failed = run_study(selected, args.runs_root, args.results_root, extra)
+    if failed:
+        print(f"failed: {', '.join(failed)} (the messages above say why)", file=sys.stderr)
+        return 1
+    print(f"summaries in {args.results_root}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
