@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from mltp_reference import alphas_by_parameter, gradients, objective, trainable
 from torch import nn
 
-from torch_mltp import MLTPOptimizer, Mode, task_closures
+from torch_mltp import MLTPOptimizer, Mode, functional, task_closures
 
 ACTIVATIONS = {"tanh": nn.Tanh, "softplus": nn.Softplus, "relu": nn.ReLU}
 
@@ -100,6 +100,18 @@ def test_mlp_gradients_match_double_backward(mode, seed, widths, eta, batch, act
     model = make_mlp(seed, widths, activation)
     task_i, task_j = make_tasks(seed, (widths[0],), widths[-1], batch)
     assert_matches_reference(model, task_i, task_j, mode, eta)
+
+
+@pytest.mark.parametrize("mode", ["full", "fo"])
+@pytest.mark.parametrize("alpha_per", ["layer", "tensor"])
+def test_large_tensors_one_by_one_give_the_same_gradients(monkeypatch, mode, alpha_per):
+    """Tensors above ``LARGE_TENSOR`` entries take the one-by-one path (lookahead, dJ/dalpha); with the
+    threshold lowered, a CNN mixes both paths and still matches the reference."""
+    monkeypatch.setattr(functional, "LARGE_TENSOR", 20)
+    model = make_cnn(3, 3, classes=3, batchnorm=True)
+    assert {p.numel() >= 20 for p in model.parameters()} == {True, False}
+    task_i, task_j = make_tasks(3, (2, 6, 6), 3, 4)
+    assert_matches_reference(model, task_i, task_j, mode, 0.7, alpha_per=alpha_per)
 
 
 @given(seed=seeds, channels=st.integers(1, 3), eta=etas, batch=st.integers(1, 4), batchnorm=st.booleans())

@@ -120,8 +120,9 @@ class AlphaStore:
         for a, (view, span) in enumerate(zip(self.views.values(), self.spans)):
             grad = self.buckets[span.bucket].grad
             if grad is None or a not in received:
-                view.grad = None
-            else:
+                if view.grad is not None:
+                    view.grad = None
+            elif view.grad is None or view.grad._base is not grad:
                 view.grad = grad[span.start : span.stop].view(span.shape)
 
     # -- alphas that must rest -----------------------------------------------------------------------

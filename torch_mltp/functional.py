@@ -104,9 +104,28 @@ def lookahead(
         if out is None:
             return torch._foreach_addcmul(list(params), list(grads), list(alphas), value=-1)
         out = list(out)
-        torch._foreach_copy_(out, list(params))
-        torch._foreach_addcmul_(out, list(grads), list(alphas), value=-1)
+        large, small = _by_size(params)
+        for k in large:  # one pass each (read w and g, write w')
+            torch.addcmul(params[k], grads[k], alphas[k], value=-1, out=out[k])
+        if small:  # a fixed number of launches for all of them
+            torch._foreach_copy_([out[k] for k in small], [params[k] for k in small])
+            torch._foreach_addcmul_(
+                [out[k] for k in small], [grads[k] for k in small], [alphas[k] for k in small], value=-1
+            )
         return out
+
+
+LARGE_TENSOR = 2**20
+"""Tensors of at least this many entries are processed one by one, without temporaries: for them a
+kernel launch costs less than an extra pass over memory.  Smaller ones are batched into a fixed
+number of fused operations (``torch._foreach_*``), however many there are."""
+
+
+def _by_size(tensors: Sequence[Tensor]) -> tuple[list[int], list[int]]:
+    """The indices of the large tensors (see :data:`LARGE_TENSOR`) and of the others."""
+    large = [k for k, t in enumerate(tensors) if t.numel() >= LARGE_TENSOR]
+    taken = set(large)
+    return large, [k for k in range(len(tensors)) if k not in taken]
 
 
 @contextmanager
@@ -428,12 +447,18 @@ def _alpha_gradients(
         and len({h.device for h in h_shift}) == 1
     )
     if segmented:
+        large, small = _by_size(h_shift)
         if segments is None:
-            lengths = alpha_segment_lengths(h_shift, alpha_of, len(alphas))
-            segments = torch.tensor(lengths, device=h_shift[0].device)
-        products = torch.cat([p.reshape(-1) for p in torch._foreach_mul(h_shift, g_shift)])
+            segments = torch.tensor(
+                alpha_segment_lengths(h_shift, alpha_of, len(alphas)), device=h_shift[0].device
+            )
+        small_products = torch._foreach_mul([h_shift[n] for n in small], [g_shift[n] for n in small])
+        products = torch.cat([p.reshape(-1) for p in small_products]) if small else h_shift[0].new_zeros(0)
         # unsafe: the lengths add up by construction, and checking them would synchronise with the device
-        per_alpha = torch.segment_reduce(products, "sum", lengths=segments, unsafe=True) * scale
+        per_alpha = torch.segment_reduce(products, "sum", lengths=segments, unsafe=True)
+        for n in large:
+            per_alpha[alpha_of[n]] += _inner_product(h_shift[n], g_shift[n])
+        per_alpha = per_alpha * scale
         for a, value in zip(range(len(alphas)), per_alpha.unbind()):
             grads[a] = value if a in used else None
         return grads
@@ -444,10 +469,11 @@ def _alpha_gradients(
 
 
 def alpha_segment_lengths(shifted: Sequence[Tensor], alpha_of: Sequence[int], num_alphas: int) -> list[int]:
-    """How many entries each alpha scales (0 for an alpha with no tensor in ``shifted``)."""
+    """How many entries of the batched (not large) tensors in ``shifted`` each alpha scales."""
     lengths = [0] * num_alphas
     for tensor, a in zip(shifted, alpha_of):
-        lengths[a] += tensor.numel()
+        if tensor.numel() < LARGE_TENSOR:
+            lengths[a] += tensor.numel()
     return lengths
 
 
@@ -457,9 +483,15 @@ def _value_or_zeros(grad: Optional[Tensor], param: Tensor) -> Tensor:
 
 def nonfinite_flag(result: MLTPGradients) -> Tensor:
     """1.0 (float32, on the device) when ``L_i``, ``L_j`` or a gradient is not finite, else 0.0."""
+    return (~_all_finite(result)).float()
+
+
+def _all_finite(result: MLTPGradients) -> Tensor:
+    """A device bool: every entry of ``L_i``, ``L_j`` and the gradients is finite (one fused
+    reduction: the largest magnitude per tensor, which cannot overflow)."""
     grads = [g for g in (*result.param_grads, *(result.alpha_grads or ())) if g is not None]
-    norms = torch._foreach_norm([result.loss_i, result.loss_j, *grads])
-    return (~torch.stack(norms).float().sum().isfinite()).float()
+    largest = torch._foreach_norm([result.loss_i, result.loss_j, *grads], ord=math.inf)
+    return torch.stack(largest).isfinite().all()
 
 
 def first_nonfinite(result: MLTPGradients) -> Optional[str]:
@@ -467,9 +499,7 @@ def first_nonfinite(result: MLTPGradients) -> Optional[str]:
 
     One fused reduction decides the common, all-finite case; only a failure pays for a search.
     """
-    grads = [g for g in (*result.param_grads, *(result.alpha_grads or ())) if g is not None]
-    norms = torch._foreach_norm([result.loss_i, result.loss_j, *grads])
-    if math.isfinite(torch.stack(norms).float().sum().item()):
+    if _all_finite(result).item():
         return None
     if not torch.isfinite(result.loss_i):
         return "L_i"
@@ -481,4 +511,4 @@ def first_nonfinite(result: MLTPGradients) -> Optional[str]:
     for a, g in enumerate(result.alpha_grads or ()):
         if g is not None and not torch.isfinite(g).all():
             return f"dJ/dalpha[{a}]"
-    return None  # the norms overflowed, but every entry is finite
+    return None

@@ -52,6 +52,7 @@ class _Progress:
     alphas_with_gradient: set = field(default_factory=set)
     lookahead_storage: dict = field(default_factory=dict)
     segment_lengths: dict = field(default_factory=dict)
+    layout: Optional[tuple] = None  # (what it was derived from, _Layout)
     nonfinite_on_device: Optional[Tensor] = None  # 1.0 when the accumulated gradients are not finite
     skipped_on_device: Optional[Tensor] = None
 
@@ -434,10 +435,18 @@ class MLTPOptimizer(torch.optim.Optimizer):
 
     # -- the step's tensors -----------------------------------------------------------------------
     def _layout(self) -> _Layout:
-        """Derived per step, so that added groups and (un)freezing are honoured."""
-        params = [
-            p for g in self.param_groups if not g.get(ALPHA_GROUP_KEY) for p in g["params"] if p.requires_grad
-        ]
+        """Derived when the weight groups or their tensors' ``requires_grad`` change, so that added
+        groups and (un)freezing are honoured."""
+        held = [p for g in self.param_groups if not g.get(ALPHA_GROUP_KEY) for p in g["params"]]
+        key = tuple((id(p), p.requires_grad) for p in held)
+        cached = self._progress.layout
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        layout = self._derive_layout([p for p in held if p.requires_grad])
+        self._progress.layout = (key, layout)
+        return layout
+
+    def _derive_layout(self, params: list[Tensor]) -> _Layout:
         index_of = {id(p): k for k, p in enumerate(params)}
         shifted, alpha_of, positions = [], [], []
         for position, (param, alpha_index) in enumerate(zip(self._shifted_params, self._alpha_of)):
