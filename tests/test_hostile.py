@@ -269,6 +269,28 @@ def test_a_frozen_layer_gets_no_alpha_gradient_and_its_alpha_stays_put():
     assert torch.equal(opt.alphas["0"].detach(), alpha)
 
 
+def test_a_layer_frozen_at_construction_and_unfrozen_later_is_shifted():
+    """A frozen layer held by the base optimizer has an alpha from the start; once unfrozen it is
+    shifted like any other (its gradient matches the float64 reference with the shift)."""
+    model = mlp()
+    model[0].requires_grad_(False)
+    opt = MLTPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0), model, mode="full", alpha_init=(0.05, 0.02)
+    )
+    assert list(opt.alphas) == ["0", "2"]
+    model[0].requires_grad_(True)
+    leaves = {n: a.detach().clone().requires_grad_() for n, a in opt.alphas.items()}
+    x, y = batch()
+    opt.step(*closures(model, x, y))
+    step_sizes = alphas_by_parameter(model, leaves, "layer")
+    _, expected, expected_alpha = gradients(
+        model, F.cross_entropy, (x[:4], y[:4]), (x[4:], y[4:]), step_sizes, 1.0
+    )
+    for name, param in trainable(model).items():
+        torch.testing.assert_close(param.grad, expected[name], rtol=1e-10, atol=1e-12, msg=name)
+    torch.testing.assert_close(opt.alphas["0"].grad, expected_alpha[id(leaves["0"])], rtol=1e-10, atol=1e-12)
+
+
 def test_a_parameter_added_after_wrapping_is_trained_and_the_user_is_told_it_is_not_shifted():
     model = mlp()
     model[2].requires_grad_(False)

@@ -12,7 +12,7 @@ from .functional import MLTPGradients, lookahead, mltp_gradients
 from .optimizer import MLTPOptimizer, MLTPStepResult, task_closures
 from .selection import CONV_TYPES, FC_TYPES, PAPER_MODES, Layer, Mode, model_layers, select_layers
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "CONV_TYPES",

@@ -34,7 +34,7 @@ from .sections import (
     stability_section,
     time_section,
 )
-from .targets import CPU_MEMORY_RESOLUTION_MIB, targets_section
+from .targets import targets_section
 from .workloads import ALPHA_INIT, ETA, LR, SCALING_DEPTHS, WORKLOADS
 
 
@@ -185,8 +185,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         except Exception:  # one broken section must not hide the others
             text = f"## {name}: FAILED\n\n```\n{traceback.format_exc()}```"
         emit(text + f"\n\n_(section took {time.perf_counter() - started:.0f} s)_")
-    memory_floor = CPU_MEMORY_RESOLUTION_MIB if settings.device.type == "cpu" else 0.0
-    emit(targets_section(findings, memory_floor, judge=not settings.quick))
+    emit(targets_section(findings, settings.device.type, judge=not settings.quick))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("\n\n".join(report) + "\n")
