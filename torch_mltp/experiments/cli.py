@@ -344,8 +344,10 @@ def _processes(args: argparse.Namespace) -> Iterator[None]:
             if not processes.is_main:
                 stack.enter_context(contextlib.redirect_stdout(quiet))
             yield
-    finally:
-        distributed.stop()
+    except BaseException:
+        distributed.stop(wait_for_the_others=False)  # they may never arrive: leave at once
+        raise
+    distributed.stop()
 
 
 class _StdoutHandler(logging.StreamHandler):

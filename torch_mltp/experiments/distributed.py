@@ -8,6 +8,7 @@ timeout, so that a process whose peers died fails instead of waiting forever.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -96,6 +97,11 @@ def current() -> Processes:
     return Processes(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def stop() -> None:
+def stop(wait_for_the_others: bool = True) -> None:
+    """Leave the process group once the objects that hold pending collective work (DDP's reducer)
+    are gone and, normally, every process got here, so that no communication thread outlives it."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        if wait_for_the_others:
+            dist.barrier()
         dist.destroy_process_group()
