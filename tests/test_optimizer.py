@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from mltp_reference import gradients
 from torch import nn
 
-from torch_mltp import MLTPOptimizer, Mode, task_closures
+from torch_mltp import MLTPOptimizer, Mode, functional, task_closures
 
 
 def small_cnn(seed=0):
@@ -469,6 +469,24 @@ def test_nonfinite_step_raises_or_skips_and_changes_nothing(loss_i, loss_j, quan
         opt.skipped_steps = 0
         state_after = optimizer_state(opt)
     assert state_after == state_before
+
+
+@pytest.mark.parametrize("large_from", [functional.LARGE_TENSOR, 4])  # 4: a 3x3 gradient counts as large
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), -float("inf")])
+def test_the_finiteness_check_finds_one_bad_entry_and_no_overflow(monkeypatch, large_from, bad):
+    monkeypatch.setattr(functional, "LARGE_TENSOR", large_from)
+    grads = [torch.ones(2), torch.full((3, 3), -3e38)]  # finite, but the norm of the second overflows
+    if bad is not None:
+        grads[1][1, 2] = bad
+    result = functional.MLTPGradients(
+        torch.tensor(3.0), torch.tensor(1.0), torch.tensor(2.0), grads, [torch.ones(())]
+    )
+    assert functional.first_nonfinite(result) == (None if bad is None else "dJ/dw[1]")
+    assert functional.nonfinite_flag(result).item() == (bad is not None)
+    # the lookahead's guard under a GradScaler: the direction is kept when finite, else zeroed
+    for direction in (grads, grads[1:]):
+        kept = functional._zero_unless_finite(direction)
+        assert all(torch.equal(k, g if bad is None else torch.zeros_like(g)) for k, g in zip(kept, direction))
 
 
 def test_freezing_a_selected_layer_and_adding_a_group_after_wrapping():
