@@ -422,7 +422,9 @@ def test_a_standard_run_does_not_depend_on_the_mltp_settings(data_root, tmp_path
 
 def _fake_runs(accuracies: dict, cosines: dict) -> dict:
     """RunResults whose histories end with the given test accuracies (procedure -> per seed); each epoch
-    takes 2 s (standard) or 3 s (MLTP) of which 0.5 s measure the gradient cosine, given per epoch."""
+    takes 2 s (standard) or 3 s (MLTP) of which 0.5 s measure the gradient cosine, given per epoch (plus
+    0.01 x seed for standard, 0.02 x seed for MLTP). The alphas of seed 1 are negative after epoch 1,
+    those of seed 2 after both epochs."""
     runs = {}
     for procedure, values in accuracies.items():
         for seed, value in enumerate(values):
@@ -434,13 +436,15 @@ def _fake_runs(accuracies: dict, cosines: dict) -> dict:
                     "train_loss": 1.0 / epoch,
                     "epoch_time_s": seconds + 0.5,
                     "grad_cosine_time_s": 0.5,
-                    "grad_cosine": cosines[procedure][epoch - 1] + 0.01 * seed,
+                    "grad_cosine": cosines[procedure][epoch - 1]
+                    + (0.01 if procedure == "standard" else 0.02) * seed,
                 }
                 for epoch in (1, 2)
             ]
             if procedure != "standard":
                 for record in history:
-                    record["alphas"] = {"conv1": 0.001 * record["epoch"], "linear": 0.002}
+                    shift = {0: 0.0, 1: 0.0015, 2: 0.003}[seed]
+                    record["alphas"] = {"conv1": 0.001 * record["epoch"] - shift, "linear": 0.002}
             runs[procedure, seed] = RunResult(Path(f"{procedure}-seed{seed}"), procedure, seed, history)
     return runs
 
@@ -460,18 +464,28 @@ def test_summary_table_and_figures(tmp_path):
     assert difference["p_t"] == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-9)
     assert difference["p_sign_flip"] == pytest.approx(0.25) and difference["sign_flip_draws"] is None
     assert result["summary"]["standard"]["test_acc"]["diff_vs_standard"] is None
-    # per seed: two epochs of 2 s (standard) or 3 s training; cosine: mean of the two epochs + 0.01 seed
+    # per seed: two epochs of 2 s (standard) or 3 s training; cosine: mean of the two epochs + 0.02 seed
     assert result["summary"]["standard"]["train_time_s"]["per_seed"] == [4.0, 4.0, 4.0]
     assert result["summary"]["mltp_fo"]["train_time_s"]["mean"] == pytest.approx(6.0)
-    assert result["summary"]["mltp_fo"]["grad_cosine"]["per_seed"] == pytest.approx([0.25, 0.26, 0.27])
+    cosine = result["summary"]["mltp_fo"]["grad_cosine"]
+    assert cosine["per_seed"] == pytest.approx([0.25, 0.27, 0.29])
+    cosine_half_width = 4.302652729911275 * 0.01 / math.sqrt(3)  # differences 0.10, 0.11, 0.12
+    assert cosine["diff_vs_standard"]["mean"] == pytest.approx(0.11)
+    assert cosine["diff_vs_standard"]["high"] == pytest.approx(0.11 + cosine_half_width, rel=1e-9)
+    assert "diff_vs_standard" not in result["summary"]["standard"]["grad_cosine"]
+    assert result["summary"]["mltp_fo"]["negative_alphas"] == {
+        "runs": 3, "during": 2, "at_end": 1, "min": pytest.approx(-0.002),
+    }  # fmt: skip
+    assert result["summary"]["standard"]["negative_alphas"] is None
 
     table = markdown_table([result], reported=TABLES["table1"].reported)
     rows = [line for line in table.splitlines() if line.startswith("| cnet1")]
     p_t = 1 - t / math.sqrt(2 + t * t)
     assert rows == [
-        "| cnet1 | standard | 81.00 ± 1.00 | — | — | — | 81.9 | 0.160 | 4.0 (×1.00) |",
+        "| cnet1 | standard | 81.00 ± 1.00 | — | — | — | 81.9 | 0.160 | — | 4.0 (×1.00) |",
         f"| cnet1 | mltp_fo | 82.00 ± 0.87 | +1.00 [{1 - half_width:+.2f}, {1 + half_width:+.2f}] "
-        f"| {p_t:.3f} | 0.250 | 82.6 | 0.260 | 6.0 (×1.50) |",
+        f"| {p_t:.3f} | 0.250 | 82.6 | 0.270 (+0.110 [{0.11 - cosine_half_width:+.3f}, "
+        f"{0.11 + cosine_half_width:+.3f}]) | 2 / 1 of 3 | 6.0 (×1.50) |",
     ]
     assert "exact over every sign pattern" in table
     written = write_outputs(tmp_path, [result])

@@ -22,18 +22,28 @@ def test_the_results_page_lists_every_command_of_the_driver():
 def test_the_study_grid():
     comparisons = {comparison.name: comparison for comparison in study.comparisons()}
     assert list(comparisons)[:4] == ["mlp-n4000", "cnn-n4000", "mlp-n1000", "cnn-n1000"]
-    assert len(comparisons) == 4 + 2 + 3 + 2 + 2
+    assert len(comparisons) == 4 + 2 + 3 + 2 + 2 + 2
     argv = comparisons["cnn-n1000"].argv(Path("runs/study"))
     assert argv[argv.index("--procedures") + 1 : argv.index("--train-samples")] == [
         "standard", "mltp", "mltp_conv", "mltp_fc", "mltp_fo",
     ]  # fmt: skip
     assert argv[argv.index("--seeds") + 1 : argv.index("--threads")] == [str(seed) for seed in range(20)]
-    sweeps = [comparison for name, comparison in comparisons.items() if not name.endswith(("n4000", "n1000"))]
-    for comparison in sweeps:  # every sweep shares the main MLP comparison's standard runs
+    sweeps = [
+        comparison
+        for name, comparison in comparisons.items()
+        if name.startswith("mlp-") and name not in ("mlp-n4000", "mlp-n1000")
+    ]
+    assert len(sweeps) == 9
+    for comparison in sweeps:  # every MLP sweep shares the main MLP comparison's standard runs
         argv = comparison.argv(Path("runs/study"))
         assert argv[argv.index("--baseline-dir") + 1] == "runs/study/mlp-n4000"
         assert "mnist1d_mlp" in argv and "--train-samples" not in argv
     assert "--alpha-policy fixed" in comparisons["mlp-alpha-policy-fixed"].command(Path("runs/study"))
+    for samples in (4000, 1000):  # the CNN with its alphas kept >= 0, against the main CNN comparisons
+        argv = comparisons[f"cnn-n{samples}-alpha-policy-nonnegative"].argv(Path("runs/study"))
+        assert argv[argv.index("--baseline-dir") + 1] == f"runs/study/cnn-n{samples}"
+        assert argv[argv.index("--alpha-policy") + 1] == "nonnegative" and "mnist1d_cnn" in argv
+        assert ("--train-samples" in argv) == (samples == 1000)
 
 
 @pytest.fixture
@@ -65,21 +75,30 @@ def test_one_seed_one_epoch_smoke_of_the_whole_study(data_root, tmp_path, capsys
     assert not list(results.rglob("*.pt"))  # checkpoints stay under the runs root
     # the sweeps trained only their MLTP runs; their standard runs are the main MLP comparison's
     assert {p.name for p in (runs / "mlp-eta-0.5").iterdir() if p.is_dir()} == {"mltp-seed0", "mltp_fo-seed0"}
+    assert {p.name for p in (runs / "cnn-n1000-alpha-policy-nonnegative").iterdir() if p.is_dir()} == {
+        "mltp-seed0", "mltp_conv-seed0", "mltp_fo-seed0",
+    }  # fmt: skip
     assert sum(1 for _ in runs.rglob("standard-seed0")) == 4  # mlp and cnn, 4,000 and 1,000 samples
     low_data = json.loads((results / "cnn-n1000" / "results.json").read_text())["experiment"]["recipe"]
     assert (low_data["train_samples"], low_data["milestones"]) == (1000, [100])
     fixed = json.loads((results / "mlp-alpha-policy-fixed" / "results.json").read_text())
     assert fixed["experiment"]["recipe"]["alpha_policy"] == "fixed"
-    table = (results / "sweep-eta" / "table.md").read_text()
+    table = (results / "sweep-mlp-eta" / "table.md").read_text()
     settings = [line.split(" | ")[:2] for line in table.splitlines() if line.startswith("| --eta")]
     assert settings == [
         ["| --eta 1 (preset)", "standard"], ["| --eta 1 (preset)", "mltp"], ["| --eta 1 (preset)", "mltp_fo"],
         ["| --eta 0.5", "mltp"], ["| --eta 0.5", "mltp_fo"], ["| --eta 2", "mltp"], ["| --eta 2", "mltp_fo"],
     ]  # fmt: skip
-    assert all((results / f"sweep-{sweep.knob}" / "table.md").exists() for sweep in study.SWEEPS)
+    assert all((results / sweep.name / "table.md").exists() for sweep in study.SWEEPS)
+    table = (results / "sweep-cnn-n1000-alpha-policy" / "table.md").read_text()
+    settings = [line.split(" | ")[:2] for line in table.splitlines() if line.startswith("| --alpha-policy")]
+    assert settings == [
+        ["| --alpha-policy learned (preset)", procedure] for procedure in study.CNN_SWEEP_PROCEDURES
+    ] + [["| --alpha-policy nonnegative", procedure] for procedure in study.CNN_SWEEP_PROCEDURES[1:]]
     printed = capsys.readouterr().out.splitlines()
     assert any(
-        line.startswith("== [13/13] mlp-alpha-lr-0.0001: torch-mltp compare --dataset") for line in printed
+        line.startswith("== [15/15] cnn-n1000-alpha-policy-nonnegative: torch-mltp compare --dataset")
+        for line in printed
     )
     baseline_lines = [line for line in printed if line.endswith(f"({runs / 'mlp-n4000' / 'standard-seed0'})")]
     assert len(baseline_lines) == 1 + 9  # trained once, reused by the 9 sweep comparisons; each printed once

@@ -44,6 +44,21 @@ def mean_gradient_cosine(history: Sequence[dict]) -> Optional[float]:
     return math.fsum(values) / len(values) if values else None
 
 
+def negative_alphas(histories: Sequence[Sequence[dict]]) -> Optional[dict]:
+    """In how many runs some logged alpha was below 0 at the end of some epoch (``"during"``) and at the end
+    of the last epoch (``"at_end"``), and the lowest alpha logged; ``None`` if the runs logged no alphas."""
+    logged = [[record["alphas"] for record in history if record.get("alphas")] for history in histories]
+    if not all(logged):
+        return None
+    lowest = [min(min(alphas.values()) for alphas in run) for run in logged]
+    return {
+        "runs": len(logged),
+        "during": sum(low < 0 for low in lowest),
+        "at_end": sum(min(run[-1].values()) < 0 for run in logged),
+        "min": min(lowest),
+    }
+
+
 def _spread(values: Sequence[Optional[float]]) -> Optional[dict]:
     """Per seed, mean and sample std of values measured for every seed; ``None`` if any is missing."""
     if any(value is None for value in values):
@@ -60,8 +75,9 @@ def summarize(
 ) -> dict:
     """Final-epoch test accuracies per procedure: per seed, mean ± sample std, and the paired
     difference to ``standard`` (same seed) with a 95% Student-t interval, a paired t-test and a sign-flip
-    test. Per procedure also the training time per run (:func:`training_seconds`) and the mean gradient
-    cosine over training (:func:`mean_gradient_cosine`; ``None`` if a run did not measure it)."""
+    test. Per procedure also the training time per run (:func:`training_seconds`), the mean gradient
+    cosine over training (:func:`mean_gradient_cosine`; ``None`` if a run did not measure it) with its
+    paired difference to ``standard``, and the runs whose alphas went negative (:func:`negative_alphas`)."""
     metrics = [metric_name(k) for k in experiment.recipe.topk]
     summary = {}
     for procedure in procedures:
@@ -69,7 +85,15 @@ def summarize(
         summary[procedure] = {
             "train_time_s": _spread([training_seconds(history) for history in histories]),
             "grad_cosine": _spread([mean_gradient_cosine(history) for history in histories]),
+            "negative_alphas": negative_alphas(histories),
         }
+    baseline_cosine = summary.get(BASELINE, {}).get("grad_cosine")
+    for procedure in procedures:
+        cosine = summary[procedure]["grad_cosine"]
+        if cosine is not None and baseline_cosine is not None and procedure != BASELINE:
+            cosine["diff_vs_standard"] = paired_difference(
+                baseline_cosine["per_seed"], cosine["per_seed"], CONFIDENCE
+            ).to_dict()
         for metric in metrics:
             values = [runs[procedure, seed].final[metric] for seed in seeds]
             mean, std = mean_std(values)
@@ -121,7 +145,17 @@ def _p_text(p_value: Optional[float]) -> str:
 
 
 def _cosine_text(entry: Optional[dict]) -> str:
-    return "—" if entry is None else f"{entry['mean']:.3f}"
+    if entry is None:
+        return "—"
+    difference = entry.get("diff_vs_standard")
+    if difference is None or difference["low"] is None:
+        return f"{entry['mean']:.3f}"
+    interval = f"[{difference['low']:+.3f}, {difference['high']:+.3f}]"
+    return f"{entry['mean']:.3f} ({difference['mean']:+.3f} {interval})"
+
+
+def _negative_alphas_text(entry: Optional[dict]) -> str:
+    return "—" if entry is None else f"{entry['during']} / {entry['at_end']} of {entry['runs']}"
 
 
 def _time_text(entry: Optional[dict], baseline: Optional[dict]) -> str:
@@ -162,7 +196,7 @@ def markdown_table(
         ]
         if reported is not None:
             header.append(f"paper {title}")
-    header += ["grad cosine", "train s/run (× standard)"]
+    header += ["grad cosine (Δ [CI])", "runs with α < 0: during / at end", "train s/run (× standard)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for result in results:
         for procedure in result["procedures"]:
@@ -183,6 +217,7 @@ def markdown_table(
             baseline = result["summary"].get(BASELINE, {}).get("train_time_s")
             cells += [
                 _cosine_text(summary.get("grad_cosine")),
+                _negative_alphas_text(summary.get("negative_alphas")),
                 _time_text(summary.get("train_time_s"), baseline),
             ]
             lines.append("| " + " | ".join(cells) + " |")
@@ -194,7 +229,9 @@ def markdown_table(
         "interval (n − 1 degrees of freedom); two-sided p-values of a paired t-test and of a sign-flip "
         f"permutation test ({_sign_flip_note(len(seeds))}). Grad cosine: cosine similarity of the two half "
         "batches' gradients at the same weights, averaged over the measured steps of each epoch, the "
-        "epochs and the seeds. Train s/run: seconds of training per run (without test evaluation and "
+        "epochs and the seeds; in brackets the mean paired difference to standard with its interval. "
+        "α < 0: runs in which some layer's alpha was below 0 at the end of some epoch, and at the end of "
+        "training. Train s/run: seconds of training per run (without test evaluation and "
         "the cosine measurements), mean over the seeds, and its ratio to standard training's.",
     ]
     return "\n".join(lines) + "\n"

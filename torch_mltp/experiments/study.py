@@ -4,14 +4,15 @@
 (with their checkpoints) go to ``runs/study/<name>/``, and the summary of each comparison (results.json
 without the per-epoch histories, table.md and, for the four main comparisons, the figures) is copied to
 ``docs/results/<name>/``. Each sensitivity sweep also gets one table over its values in
-``docs/results/sweep-<knob>/table.md``.
+``docs/results/sweep-<model>-<knob>/table.md``.
 Options it does not know (``--seeds 0 --epochs 1 --limit-train-batches 2``, ``--data-root``) are
 appended to every command, so that the same driver runs as a quick smoke test. ``--list`` prints the
 commands without running them. A comparison that fails is reported and the next one runs.
 
-The sensitivity sweeps vary one MLTP setting of the MLP at a time. Standard training does not use these
-settings, so every sweep takes its standard runs from the main MLP comparison (``--baseline-dir``), and the
-sweep's preset value is not run again: its rows are the main comparison's.
+The sensitivity sweeps vary one MLTP setting at a time: every setting on the MLP, and on the CNN (4,000 and
+1,000 samples), whose learned alphas turn negative, the alphas kept >= 0. Standard training does not use
+these settings, so every sweep takes its standard runs from its main comparison (``--baseline-dir``), and
+the sweep's preset value is not run again: its rows are the main comparison's.
 """
 
 from __future__ import annotations
@@ -72,23 +73,6 @@ class Comparison:
         return shlex.join(["torch-mltp", *self.argv(runs_root)])
 
 
-@dataclass(frozen=True)
-class Sweep:
-    """One MLTP setting of the MLP varied over ``values``; ``preset`` is the value of the main comparison."""
-
-    knob: str
-    option: str
-    preset: str
-    values: Tuple[str, ...]
-
-    def comparison(self, value: str) -> Comparison:
-        arguments = ("--model", "mnist1d_mlp", "--procedures", *SWEEP_PROCEDURES, self.option, value)
-        return Comparison(f"mlp-{self.knob}-{value}", arguments, baseline="mlp-n4000", figures=False)
-
-    def label(self, value: str) -> str:
-        return f"{self.option} {value}" + (" (preset)" if value == self.preset else "")
-
-
 def _main_comparison(
     model: str, procedures: Sequence[str], regime: Tuple[str, ...], samples: int
 ) -> Comparison:
@@ -106,12 +90,70 @@ MAIN = (
     _main_comparison("mnist1d_mlp", MLP_PROCEDURES, LOW_DATA, 1000),
     _main_comparison("mnist1d_cnn", CNN_PROCEDURES, LOW_DATA, 1000),
 )
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One MLTP setting varied over ``values`` with the model and data of the main comparison ``baseline``,
+    whose standard runs it shares; ``preset`` is that comparison's value of the setting."""
+
+    knob: str
+    option: str
+    preset: str
+    values: Tuple[str, ...]
+    baseline: str = "mlp-n4000"
+    model: str = "mnist1d_mlp"
+    regime: Tuple[str, ...] = ()
+    procedures: Tuple[str, ...] = SWEEP_PROCEDURES
+    prefix: str = "mlp"
+    """The comparisons are named ``<prefix>-<knob>-<value>``, the table ``sweep-<prefix>-<knob>``."""
+
+    @property
+    def name(self) -> str:
+        return f"sweep-{self.prefix}-{self.knob}"
+
+    def comparison(self, value: str) -> Comparison:
+        arguments = (
+            "--model",
+            self.model,
+            "--procedures",
+            *self.procedures,
+            *self.regime,
+            self.option,
+            value,
+        )
+        return Comparison(
+            f"{self.prefix}-{self.knob}-{value}", arguments, baseline=self.baseline, figures=False
+        )
+
+    def label(self, value: str) -> str:
+        return f"{self.option} {value}" + (" (preset)" if value == self.preset else "")
+
+
+CNN_SWEEP_PROCEDURES = ("standard", "mltp", "mltp_conv", "mltp_fo")
+"""The procedures whose alphas turn negative on the CNN (``mltp_fc``'s do not)."""
 SWEEPS = (
     Sweep("eta", "--eta", "1", ("0.5", "2")),
     Sweep("alpha-mean", "--alpha-mean", "0.001", ("0.01", "0.05", "0.2")),
     Sweep("alpha-policy", "--alpha-policy", "learned", ("nonnegative", "fixed")),
     Sweep("alpha-lr", "--alpha-lr", "tied", ("0.001", "0.0001")),
+    *(
+        Sweep(
+            "alpha-policy",
+            "--alpha-policy",
+            "learned",
+            ("nonnegative",),
+            baseline=main.name,
+            model="mnist1d_cnn",
+            regime=regime,
+            procedures=CNN_SWEEP_PROCEDURES,
+            prefix=main.name,
+        )
+        for main, regime in ((MAIN[1], ()), (MAIN[3], LOW_DATA))
+    ),
 )
+"""The MLP's sensitivity to each MLTP setting; on the CNN, whose learned alphas turn negative, the same
+comparisons with the alphas kept >= 0."""
 
 
 def comparisons() -> List[Comparison]:
@@ -136,15 +178,15 @@ def write_summary(run_folder: Path, results_folder: Path, figures: bool = True) 
 
 def sweep_table(sweep: Sweep, results_root: Path) -> Optional[str]:
     """One table over the values of ``sweep`` from the summaries in ``results_root``: the preset value's
-    rows (standard included) from the main MLP comparison, then the MLTP rows of each other value.
+    rows (standard included) from its main comparison, then the MLTP rows of each other value.
     ``None`` while a summary is missing."""
-    folders = [("mlp-n4000", sweep.preset), *((sweep.comparison(v).name, v) for v in sweep.values)]
+    folders = [(sweep.baseline, sweep.preset), *((sweep.comparison(v).name, v) for v in sweep.values)]
     if not all((results_root / folder / "results.json").exists() for folder, _ in folders):
         return None
     rows = []
     for index, (folder, value) in enumerate(folders):
         result = json.loads((results_root / folder / "results.json").read_text())
-        wanted = SWEEP_PROCEDURES if index == 0 else SWEEP_PROCEDURES[1:]
+        wanted = sweep.procedures if index == 0 else sweep.procedures[1:]
         procedures = [procedure for procedure in result["procedures"] if procedure in wanted]
         rows.append({**result, "procedures": procedures, "label": sweep.label(value)})
     return markdown_table(rows, first_column="setting")
@@ -168,7 +210,7 @@ def run_study(
     for sweep in SWEEPS:
         table = sweep_table(sweep, results_root)
         if table is not None:
-            folder = results_root / f"sweep-{sweep.knob}"
+            folder = results_root / sweep.name
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "table.md").write_text(table)
     return failed
