@@ -47,7 +47,10 @@ class Comparison:
     """One ``torch-mltp compare`` command of the study; its runs go to ``<runs root>/<name>``."""
 
     name: str
-    arguments: Tuple[str, ...]
+    model: str
+    procedures: Tuple[str, ...]
+    settings: Tuple[str, ...] = ()
+    """Options after ``--procedures`` (the data regime, an MLTP setting)."""
     baseline: Optional[str] = None
     """The comparison whose standard runs this one shares (``--baseline-dir``)."""
     figures: bool = True
@@ -58,7 +61,11 @@ class Comparison:
             "compare",
             "--dataset",
             "mnist1d",
-            *self.arguments,
+            "--model",
+            self.model,
+            "--procedures",
+            *self.procedures,
+            *self.settings,
             "--seeds",
             *map(str, SEEDS),
             "--threads",
@@ -74,10 +81,10 @@ class Comparison:
 
 
 def _main_comparison(
-    model: str, procedures: Sequence[str], regime: Tuple[str, ...], samples: int
+    model: str, procedures: Tuple[str, ...], regime: Tuple[str, ...], samples: int
 ) -> Comparison:
     short = model.replace("mnist1d_", "")
-    return Comparison(f"{short}-n{samples}", ("--model", model, "--procedures", *procedures, *regime))
+    return Comparison(f"{short}-n{samples}", model, procedures, regime)
 
 
 MLP_PROCEDURES = ("standard", "mltp", "mltp_fo")
@@ -94,16 +101,14 @@ MAIN = (
 
 @dataclass(frozen=True)
 class Sweep:
-    """One MLTP setting varied over ``values`` with the model and data of the main comparison ``baseline``,
+    """One MLTP setting varied over ``values`` with the model and data of the main comparison ``main``,
     whose standard runs it shares; ``preset`` is that comparison's value of the setting."""
 
     knob: str
     option: str
     preset: str
     values: Tuple[str, ...]
-    baseline: str = "mlp-n4000"
-    model: str = "mnist1d_mlp"
-    regime: Tuple[str, ...] = ()
+    main: Comparison = MAIN[0]
     procedures: Tuple[str, ...] = SWEEP_PROCEDURES
     prefix: str = "mlp"
     """The comparisons are named ``<prefix>-<knob>-<value>``, the table ``sweep-<prefix>-<knob>``."""
@@ -113,17 +118,13 @@ class Sweep:
         return f"sweep-{self.prefix}-{self.knob}"
 
     def comparison(self, value: str) -> Comparison:
-        arguments = (
-            "--model",
-            self.model,
-            "--procedures",
-            *self.procedures,
-            *self.regime,
-            self.option,
-            value,
-        )
         return Comparison(
-            f"{self.prefix}-{self.knob}-{value}", arguments, baseline=self.baseline, figures=False
+            f"{self.prefix}-{self.knob}-{value}",
+            self.main.model,
+            self.procedures,
+            (*self.main.settings, self.option, value),
+            baseline=self.main.name,
+            figures=False,
         )
 
     def label(self, value: str) -> str:
@@ -143,13 +144,11 @@ SWEEPS = (
             "--alpha-policy",
             "learned",
             ("nonnegative",),
-            baseline=main.name,
-            model="mnist1d_cnn",
-            regime=regime,
+            main=main,
             procedures=CNN_SWEEP_PROCEDURES,
             prefix=main.name,
         )
-        for main, regime in ((MAIN[1], ()), (MAIN[3], LOW_DATA))
+        for main in (MAIN[1], MAIN[3])
     ),
 )
 """The MLP's sensitivity to each MLTP setting; on the CNN, whose learned alphas turn negative, the same
@@ -180,7 +179,7 @@ def sweep_table(sweep: Sweep, results_root: Path) -> Optional[str]:
     """One table over the values of ``sweep`` from the summaries in ``results_root``: the preset value's
     rows (standard included) from its main comparison, then the MLTP rows of each other value.
     ``None`` while a summary is missing."""
-    folders = [(sweep.baseline, sweep.preset), *((sweep.comparison(v).name, v) for v in sweep.values)]
+    folders = [(sweep.main.name, sweep.preset), *((sweep.comparison(v).name, v) for v in sweep.values)]
     if not all((results_root / folder / "results.json").exists() for folder, _ in folders):
         return None
     rows = []
