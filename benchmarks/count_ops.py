@@ -14,6 +14,10 @@ optimizer's own step (whose ``.item()`` calls read its step counters, CPU tensor
 
     python benchmarks/count_ops.py                       # mlp, cnet1, resnet18: fo, full vs halves
     python benchmarks/count_ops.py --models mlp --show fo  # also list fo's extra operations
+    python benchmarks/count_ops.py --device cuda         # the GPU code path, syncs from CUDA's debug mode
+
+The last column is ``fo`` with ``nonfinite="skip"`` around a fused Adam (``fused=True``), the
+configuration that skips a non-finite step on the device instead of asking the host.
 """
 
 from __future__ import annotations
@@ -28,14 +32,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from step_bench.opcount import SYNC, data_ops
+from step_bench.opcount import SYNC, cuda_kernel_launches, cuda_synchronisations, data_ops
 from step_bench.workloads import ALPHA_INIT, ETA, LR, WORKLOADS, build_model, make_batches
 
 from torch_mltp import MLTPOptimizer, task_closures
 
 
-def halves(model):
-    opt = torch.optim.Adam(model.parameters(), lr=LR, foreach=True)
+def halves(model, fused=False):
+    opt = torch.optim.Adam(model.parameters(), lr=LR, **({"fused": True} if fused else {"foreach": True}))
 
     def step(x, y):
         opt.zero_grad(set_to_none=True)
@@ -46,10 +50,12 @@ def halves(model):
     return step
 
 
-def mltp(mode):
+def mltp(mode, nonfinite="raise", fused=False):
     def factory(model):
-        base = torch.optim.Adam(model.parameters(), lr=LR, foreach=True)
-        opt = MLTPOptimizer(base, model, eta=ETA, alpha_init=ALPHA_INIT, mode=mode)
+        base = torch.optim.Adam(
+            model.parameters(), lr=LR, **({"fused": True} if fused else {"foreach": True})
+        )
+        opt = MLTPOptimizer(base, model, eta=ETA, alpha_init=ALPHA_INIT, mode=mode, nonfinite=nonfinite)
 
         def step(x, y):
             opt.zero_grad()
@@ -61,30 +67,47 @@ def mltp(mode):
 
 
 CONTESTANTS = {"halves": halves, "fo": mltp("fo"), "full": mltp("full")}
+SYNC_FREE = mltp("fo", nonfinite="skip", fused=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="mlp,cnet1,resnet18")
     parser.add_argument("--show", choices=sorted(CONTESTANTS), help="list this contestant's extra operations")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print("| model | tensors | halves | fo | fo extra (net) | full | full extra (net) | syncs |")
-    print("|---|---|---|---|---|---|---|---|")
+    device = torch.device(args.device)
+    print(
+        "| model | tensors | halves | fo | fo extra (net) | full | full extra (net) "
+        "| syncs halves / fo / full | syncs fo (skip, fused Adam) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    launch_rows: list[str] = []
     for name in args.models.split(","):
         workload = WORKLOADS[name]
-        ((x, y),) = make_batches(workload, 1, 128, torch.device("cpu"))
+        ((x, y),) = make_batches(workload, 1, 128, device)
         counts = {}
         for contestant, make in CONTESTANTS.items():
-            counts[contestant] = data_ops(make(build_model(workload, torch.device("cpu"), 0)), x, y)
+            counts[contestant] = data_ops(make(build_model(workload, device, 0)), x, y)
         syncs = {contestant: counted.pop(SYNC) for contestant, counted in counts.items()}
+        sync_free = data_ops(SYNC_FREE(build_model(workload, device, 0)), x, y)[SYNC]
+        if device.type == "cuda":  # what waits for the device, whatever the operation
+            for contestant, make in CONTESTANTS.items():
+                syncs[contestant] = cuda_synchronisations(make(build_model(workload, device, 0)), x, y)
+            sync_free = cuda_synchronisations(SYNC_FREE(build_model(workload, device, 0)), x, y)
+            launches = {
+                contestant: cuda_kernel_launches(make(build_model(workload, device, 0)), x, y)
+                for contestant, make in (*CONTESTANTS.items(), ("fo (skip, fused Adam)", SYNC_FREE))
+            }
+            launch_rows.append(f"| {name} | " + " | ".join(str(n) for n in launches.values()) + " |")
         tensors = sum(1 for _ in build_model(workload, torch.device("cpu"), 0).parameters())
         total = {contestant: sum(counted.values()) for contestant, counted in counts.items()}
         extra = {c: sum((counts[c] - counts["halves"]).values()) for c in ("fo", "full")}
         print(
             f"| {name} | {tensors} | {total['halves']} "
             + "".join(f"| {total[c]} | {extra[c]} ({total[c] - total['halves']:+d}) " for c in ("fo", "full"))
-            + f"| {syncs['halves']} / {syncs['fo']} / {syncs['full']} |"
+            + f"| {syncs['halves']} / {syncs['fo']} / {syncs['full']} | {sync_free} |"
         )
         if args.show:
             more = counts[args.show] - counts["halves"]
@@ -92,6 +115,11 @@ def main() -> None:
             print(
                 f"\n{name} {args.show}: more {dict(more.most_common())}; fewer {dict(fewer.most_common())}\n"
             )
+
+    if launch_rows:
+        print("\n| model | CUDA kernel launches: halves | fo | full | fo (skip, fused Adam) |")
+        print("|---|---|---|---|---|")
+        print("\n".join(launch_rows))
 
 
 if __name__ == "__main__":

@@ -483,10 +483,14 @@ def test_the_finiteness_check_finds_one_bad_entry_and_no_overflow(monkeypatch, l
     )
     assert functional.first_nonfinite(result) == (None if bad is None else "dJ/dw[1]")
     assert functional.nonfinite_flag(result).item() == (bad is not None)
-    # the lookahead's guard under a GradScaler: the direction is kept when finite, else zeroed
+    # the lookahead's guard (GradScaler, nonfinite="skip"): w' = w - alpha * g when g is finite, else w
     for direction in (grads, grads[1:]):
-        kept = functional._zero_unless_finite(direction)
-        assert all(torch.equal(k, g if bad is None else torch.zeros_like(g)) for k, g in zip(kept, direction))
+        weights = [torch.full_like(g, 2.0) for g in direction]
+        shifted = functional.lookahead(
+            weights, direction, [torch.tensor(0.5)] * len(direction), finite=functional._finite(direction)
+        )
+        expected = [w if bad is not None else w - 0.5 * g for w, g in zip(weights, direction)]
+        assert all(torch.equal(s, e) for s, e in zip(shifted, expected))
 
 
 def test_freezing_a_selected_layer_and_adding_a_group_after_wrapping():

@@ -91,28 +91,61 @@ def lookahead(
     grads: Sequence[Tensor],
     alphas: Sequence[Tensor],
     out: Optional[Sequence[Tensor]] = None,
+    finite: Optional[Tensor] = None,
 ) -> list[Tensor]:
     """The inner gradient step of eq. (3) / Algorithm 1 line 4: ``w' = w - alpha * g``.
 
     Each ``alphas[k]`` broadcasts against ``params[k]`` (a scalar per layer or tensor, or one
     value per element).  With ``out`` the result is written into those tensors and they are
-    returned.
+    returned.  With ``finite`` (a device bool) the step is taken only where it is true: otherwise
+    ``w' = w``, decided on the device without a host synchronisation.
     """
     if not params:
         return []
     with torch.no_grad():
-        if out is None:
-            return torch._foreach_addcmul(list(params), list(grads), list(alphas), value=-1)
-        out = list(out)
         large, small = _by_size(params)
-        for k in large:  # one pass each (read w and g, write w')
+        out = list(out) if out is not None else [torch.empty_like(p) for p in params]
+        for k in large:  # one pass each (read w and g, write w'), and one more for the guard
             torch.addcmul(params[k], grads[k], alphas[k], value=-1, out=out[k])
+            if finite is not None:
+                torch.where(finite, out[k], params[k], out=out[k])
         if small:  # a fixed number of launches for all of them
+            directions = [grads[k] for k in small]
+            if finite is not None:
+                directions = _zero_unless(finite, directions)
             torch._foreach_copy_([out[k] for k in small], [params[k] for k in small])
             torch._foreach_addcmul_(
-                [out[k] for k in small], [grads[k] for k in small], [alphas[k] for k in small], value=-1
+                [out[k] for k in small],
+                directions,
+                _shaped_like([alphas[k] for k in small], [params[k] for k in small]),
+                value=-1,
             )
         return out
+
+
+def _shaped_like(tensors: list[Tensor], likes: list[Tensor]) -> list[Tensor]:
+    """``tensors[k]`` broadcast to the shape of ``likes[k]`` and materialised, as views of one block.
+
+    A fused ``_foreach_*`` kernel takes only operands of equal shapes; a per-layer alpha (a scalar)
+    would send it down its one-launch-per-tensor path.  One concatenation writes all of them."""
+    expanded = [t.expand_as(like) for t, like in zip(tensors, likes)]
+    block = _one_block(expanded)
+    if block is None:
+        return [t.contiguous() for t in expanded]
+    return _pieces(block, likes)
+
+
+def _one_block(tensors: list[Tensor]) -> Optional[Tensor]:
+    """The entries of ``tensors`` concatenated into one flat tensor (one operation), or ``None`` when
+    they differ in dtype or device."""
+    if len({(t.dtype, t.device) for t in tensors}) > 1:
+        return None
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _pieces(block: Tensor, likes: list[Tensor]) -> list[Tensor]:
+    """``block`` cut into views shaped like ``likes`` (the inverse of :func:`_one_block`)."""
+    return [piece.view_as(like) for piece, like in zip(block.split([like.numel() for like in likes]), likes)]
 
 
 LARGE_TENSOR = 2**20
@@ -225,16 +258,16 @@ def _mltp_gradients(
         if average is not None:
             loss_i, *values_i = average([loss_i.detach(), *values_i], [loss_i, *params])
         g_shift = [_value_or_zeros(values_i[k], params[k]) for k in shifted]
-        direction, inner_alphas = g_shift, step_alphas
+        inner_alphas, finite = step_alphas, None
         if loss_scale is not None or guard_lookahead:
-            direction = _zero_unless_finite(g_shift)
+            finite = _finite(g_shift)
         if loss_scale is not None:
             inner_alphas = _scaled_alphas(alphas, alpha_of, loss_scale.reciprocal())
-        w_shifted = lookahead(shifted_params, direction, inner_alphas, workspace.lookahead)
+        w_shifted = lookahead(shifted_params, g_shift, inner_alphas, workspace.lookahead, finite)
     with torch.enable_grad(), swapped_storage(shifted_params, w_shifted):
         loss_j = evaluate_loss(closure_j, "j")
         grads_j = _differentiate(loss_j, params, loss_scale, "j", create_graph=False)
-    del w_shifted, direction
+    del w_shifted
 
     with torch.no_grad():
         if average is not None:
@@ -338,12 +371,14 @@ def _owned(grads: list[Optional[Tensor]], params: Sequence[Tensor]) -> list[Opti
     return owned
 
 
-def _zero_unless_finite(grads: list[Tensor]) -> list[Tensor]:
-    """``grads`` when every entry is finite, else zeros (decided on the device, no host sync)."""
-    if not grads:
-        return grads
-    finite = _finite(grads)
-    return [torch.where(finite, g, torch.zeros((), dtype=g.dtype, device=g.device)) for g in grads]
+def _zero_unless(finite: Tensor, tensors: list[Tensor]) -> list[Tensor]:
+    """``tensors`` when ``finite`` (a device bool) is true, else zeros, as views of one new block."""
+    block = _one_block(tensors)
+    if block is None:
+        return [torch.where(finite, t, torch.zeros((), dtype=t.dtype, device=t.device)) for t in tensors]
+    return _pieces(
+        torch.where(finite, block, torch.zeros((), dtype=block.dtype, device=block.device)), tensors
+    )
 
 
 def _scaled_alphas(alphas: Sequence[Tensor], alpha_of: Sequence[int], factor: Tensor) -> list[Tensor]:
@@ -495,16 +530,19 @@ def _all_finite(result: MLTPGradients) -> Tensor:
 def _finite(tensors: Sequence[Tensor]) -> Tensor:
     """A device bool: every entry of ``tensors`` is finite.
 
-    One fused reduction, the largest magnitude per tensor (it cannot overflow, as a norm can). On the
-    CPU that reduction is not vectorised (ten times slower than a sum at 2**25 entries), so each large
-    tensor (see :data:`LARGE_TENSOR`) there gives its minimum and maximum instead: both are finite
-    exactly when every entry is (a NaN propagates to both)."""
-    on_cpu = tensors[0].device.type == "cpu"
-    large, small = _by_size(tensors) if on_cpu else ([], range(len(tensors)))
-    extremes = list(torch._foreach_norm([tensors[k] for k in small], ord=math.inf)) if small else []
-    for k in large:
-        extremes.extend(torch.aminmax(tensors[k]))
-    return torch.stack(extremes).isfinite().all()
+    On an accelerator, one fused reduction: the largest magnitude per tensor (it cannot overflow, as a
+    norm can).  On the CPU that reduction is neither fused nor vectorised (ten times slower than a sum
+    at 2**25 entries), so there the minimum and maximum are taken instead (both are finite exactly when
+    every entry is; a NaN propagates to both): one pair over the concatenated small tensors, one pair
+    per large tensor (see :data:`LARGE_TENSOR`), which is never copied."""
+    if not all(t.device.type == "cpu" for t in tensors):
+        return torch.stack(torch._foreach_norm(tensors, ord=math.inf)).isfinite().all()
+    large, small = _by_size(tensors)
+    extremes = [e for k in large for e in torch.aminmax(tensors[k])]
+    pieces = [tensors[k].reshape(-1) for k in small if tensors[k].numel()]
+    if pieces:
+        extremes.extend(torch.aminmax(torch.cat(pieces)))
+    return torch.stack(extremes).isfinite().all() if extremes else torch.tensor(True)
 
 
 def first_nonfinite(result: MLTPGradients) -> Optional[str]:

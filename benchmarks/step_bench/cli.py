@@ -168,7 +168,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     plans = {}
     if sections & {"time", "memory"}:
         for label in settings.models:
-            plans[label] = plan_contestants(WORKLOADS[label], settings.seed)
+            plans[label] = plan_contestants(WORKLOADS[label], settings.seed, settings.device.type)
     runs = [
         ("time", lambda: time_section(settings, findings, plans)),
         ("memory", lambda: memory_section(settings, findings, plans)),

@@ -41,9 +41,9 @@ def standard_step(model: nn.Module) -> Step:
     return step
 
 
-def halves_step(model: nn.Module) -> Step:
+def halves_step(model: nn.Module, fused: bool = False) -> Step:
     """Two forward/backward passes of half a batch accumulated, one Adam step: the floor for ``fo``."""
-    opt = torch.optim.Adam(model.parameters(), lr=LR)
+    opt = torch.optim.Adam(model.parameters(), lr=LR, fused=fused or None)
     loss = cross_entropy_of(model)
 
     def step(x: Tensor, y: Tensor) -> None:
@@ -55,17 +55,23 @@ def halves_step(model: nn.Module) -> Step:
     return step
 
 
-def mltp_step(mode: str, learn_alpha: bool = True) -> Callable[[nn.Module], Step]:
-    """torch_mltp's ``MLTPOptimizer`` around Adam in ``mode``, as its docstring shows."""
+def mltp_step(
+    mode: str, learn_alpha: bool = True, nonfinite: str = "raise", fused: bool = False
+) -> Callable[[nn.Module], Step]:
+    """torch_mltp's ``MLTPOptimizer`` around Adam in ``mode``, as its docstring shows.
+
+    ``nonfinite="skip"`` with ``fused=True`` is the configuration without host synchronisation: the
+    fused Adam kernel skips a non-finite step on the device."""
 
     def factory(model: nn.Module) -> Step:
         opt = MLTPOptimizer(
-            torch.optim.Adam(model.parameters(), lr=LR),
+            torch.optim.Adam(model.parameters(), lr=LR, fused=fused or None),
             model,
             eta=ETA,
             alpha_init=ALPHA_INIT,
             mode=mode,
             learn_alpha=learn_alpha,
+            nonfinite=nonfinite,
         )
         loss = cross_entropy_of(model)
 
@@ -174,5 +180,8 @@ CONTESTANTS: dict[str, Callable[[nn.Module], Step]] = {
     "halves": halves_step,
     **{mode: mltp_step(mode) for mode in MLTP_MODES},
     "fo-fixed-alpha": mltp_step("fo", learn_alpha=False),  # alpha as a hyperparameter (paper III-E)
+    # without host synchronisation (GPU only): fused Adam, and MLTP skipping non-finite steps on the device
+    "halves-fused": lambda model: halves_step(model, fused=True),
+    "fo-skip-fused": mltp_step("fo", nonfinite="skip", fused=True),
     **{peer: peer_step(peer) for peer in PEERS},
 }

@@ -115,10 +115,18 @@ def peer_problem(peer: str) -> Optional[str]:
     return None
 
 
-def plan_contestants(workload: Workload, seed: int) -> tuple[list[str], dict[str, str]]:
+SYNC_FREE_PAIR = ("halves-fused", "fo-skip-fused")
+"""Run on a GPU only: there a host synchronisation drains the queue of kernels; on a CPU it costs nothing."""
+
+
+def plan_contestants(
+    workload: Workload, seed: int, device_type: str = "cpu"
+) -> tuple[list[str], dict[str, str]]:
     """The contestants to run on ``workload`` and a note for each one left out."""
     model = build_model(workload, torch.device("cpu"), seed)
     names, skipped = ["standard", "halves", "fo", "fo-fixed-alpha"], {}
+    if device_type == "cuda":
+        names += list(SYNC_FREE_PAIR)
     full_layers = selected_layer_names(model, "full")
     for mode in ("fc", "conv"):
         layers = selected_layer_names(model, mode)

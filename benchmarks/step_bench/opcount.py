@@ -3,11 +3,13 @@
 Top-level ``aten::`` operations (not called from another ``aten::`` operation), without the
 metadata-only ones (views, reshapes, ``detach``, empty allocations, the storage swap's type check).
 Host synchronisations are the ``aten::_local_scalar_dense`` calls outside the base optimizer's own
-step, whose ``.item()`` calls read its step counters (CPU tensors also on a GPU).
+step, whose ``.item()`` calls read its step counters (CPU tensors also on a GPU); on a GPU,
+:func:`cuda_synchronisations` counts what CUDA's sync debug mode reports instead.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 
 import torch
@@ -49,3 +51,39 @@ def _in_base_step(event) -> bool:
             return True
         parent = parent.cpu_parent
     return False
+
+
+def cuda_synchronisations(step, x, y) -> int:
+    """The host synchronisations of one call of ``step`` on a GPU (after two warm-up calls), as
+    ``torch.cuda.set_sync_debug_mode("warn")`` reports them: every operation that waits for the device."""
+    for _ in range(2):
+        step(x, y)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step(x, y)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum(is_synchronisation_warning(str(w.message)) for w in caught)
+
+
+def is_synchronisation_warning(message: str) -> bool:
+    """A warning of CUDA's sync debug mode about an operation, not its one-time notice that the mode
+    is a prototype (whose text also speaks of synchronization)."""
+    message = message.lower()
+    return "synchroniz" in message and "prototype" not in message
+
+
+def cuda_kernel_launches(step, x, y) -> int:
+    """The CUDA kernels one call of ``step`` launches (after two warm-up calls): on a GPU the measure
+    that the operation count stands for, also where a ``_foreach_*`` operation falls back to one
+    kernel per tensor."""
+    for _ in range(2):
+        step(x, y)
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profile:
+        step(x, y)
+        torch.cuda.synchronize()
+    return sum(1 for event in profile.events() if "LaunchKernel" in event.name)
