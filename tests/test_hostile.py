@@ -80,21 +80,23 @@ def test_expanded_zero_gradients_of_the_unused_parameter_trick(mode):
 
 
 class SharedGradient(nn.Module):
-    """``F.linear(x, w + delta)``: autograd returns one tensor as the gradient of both ``w`` and ``delta``."""
+    """``F.linear(x, w + delta)``: autograd returns one tensor as the gradient of both ``w`` and ``delta``
+    (with a flat ``delta``, the gradient of one is a view of the gradient of the other)."""
 
-    def __init__(self):
+    def __init__(self, delta_shape=(3, 5)):
         super().__init__()
         torch.manual_seed(0)
         self.w = nn.Parameter(torch.randn(3, 5, dtype=torch.float64))
-        self.delta = nn.Parameter(0.1 * torch.randn(3, 5, dtype=torch.float64))
+        self.delta = nn.Parameter(0.1 * torch.randn(delta_shape, dtype=torch.float64))
 
     def forward(self, x):
-        return F.linear(torch.tanh(x), self.w + self.delta)
+        return F.linear(torch.tanh(x), self.w + self.delta.view_as(self.w))
 
 
+@pytest.mark.parametrize("delta_shape", [(3, 5), (15,)])
 @pytest.mark.parametrize("mode", ["fo", "full"])
-def test_one_gradient_tensor_shared_by_two_parameters(mode):
-    model = SharedGradient()
+def test_one_gradient_tensor_shared_by_two_parameters(mode, delta_shape):
+    model = SharedGradient(delta_shape)
     opt = MLTPOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.0), model, mode=mode, alpha_init=0.05, alpha_per="tensor"
     )

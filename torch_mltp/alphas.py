@@ -117,13 +117,32 @@ class AlphaStore:
     def publish_gradients(self, received: set) -> None:
         """Give each view the matching part of its bucket's ``.grad``; ``None`` for the alphas that
         received no gradient (``received`` holds the indices of those that did)."""
-        for a, (view, span) in enumerate(zip(self.views.values(), self.spans)):
-            grad = self.buckets[span.bucket].grad
-            if grad is None or a not in received:
-                if view.grad is not None:
-                    view.grad = None
-            elif view.grad is None or view.grad._base is not grad:
-                view.grad = grad[span.start : span.stop].view(span.shape)
+        views = list(self.views.values())
+        for bucket, members in zip(self.buckets, self._members()):
+            grad = bucket.grad
+            parts = None if grad is None else self._parts(grad, members)
+            for position, a in enumerate(members):
+                view = views[a]
+                if parts is None or a not in received:
+                    if view.grad is not None:
+                        view.grad = None
+                elif view.grad is None or view.grad._base is not grad:
+                    view.grad = parts[position]
+
+    def _members(self) -> list[list[int]]:
+        """The alphas of each bucket, in the order they lie in it."""
+        members: list[list[int]] = [[] for _ in self.buckets]
+        for a, span in enumerate(self.spans):
+            members[span.bucket].append(a)
+        return members
+
+    def _parts(self, grad: Tensor, members: list[int]) -> Sequence[Tensor]:
+        """A bucket's gradient cut into its alphas' views, with one operation for the bucket."""
+        spans = [self.spans[a] for a in members]
+        if all(span.shape == torch.Size() for span in spans):
+            return grad.unbind()
+        parts = grad.split([span.stop - span.start for span in spans])
+        return [part.view(span.shape) for part, span in zip(parts, spans)]
 
     # -- alphas that must rest -----------------------------------------------------------------------
     @contextmanager

@@ -114,13 +114,17 @@ def lookahead(
             if finite is not None:
                 directions = _zero_unless(finite, directions)
             torch._foreach_copy_([out[k] for k in small], [params[k] for k in small])
-            torch._foreach_addcmul_(
-                [out[k] for k in small],
-                directions,
-                _shaped_like([alphas[k] for k in small], [params[k] for k in small]),
-                value=-1,
-            )
+            step_sizes = [alphas[k] for k in small]
+            if _fused_foreach(params[small[0]]):
+                step_sizes = _shaped_like(step_sizes, [params[k] for k in small])
+            torch._foreach_addcmul_([out[k] for k in small], directions, step_sizes, value=-1)
         return out
+
+
+def _fused_foreach(tensor: Tensor) -> bool:
+    """Whether ``torch._foreach_*`` runs fused multi-tensor kernels on this tensor's device (it loops
+    over the tensors on the CPU, where operands of different shapes then cost nothing extra)."""
+    return tensor.device.type != "cpu"
 
 
 def _shaped_like(tensors: list[Tensor], likes: list[Tensor]) -> list[Tensor]:
@@ -364,7 +368,7 @@ def _owned(grads: list[Optional[Tensor]], params: Sequence[Tensor]) -> list[Opti
                 f"parameter {k} received a {g.layout} gradient; MLTP combines dense gradients "
                 "(build embeddings with sparse=False)"
             )
-        storage = g.untyped_storage().data_ptr()
+        storage = g.data_ptr() - g.storage_offset() * g.element_size()  # where its storage starts
         if storage in seen or not (g.is_contiguous() or g.is_contiguous(memory_format=torch.channels_last)):
             owned[k] = torch.empty_like(params[k], memory_format=torch.preserve_format).copy_(g)
         seen.add(storage)
@@ -475,10 +479,10 @@ def _alpha_gradients(
     grads: list[Optional[Tensor]] = [None] * len(alphas)
     if not h_shift:
         return grads
-    used = sorted(set(alpha_of))
+    used = set(alpha_of)
     segmented = (
         all(alphas[a].dim() == 0 for a in used)
-        and list(alpha_of) == sorted(alpha_of)
+        and all(a <= b for a, b in zip(alpha_of, alpha_of[1:]))
         and len({h.device for h in h_shift}) == 1
     )
     if segmented:
@@ -493,10 +497,8 @@ def _alpha_gradients(
         per_alpha = torch.segment_reduce(products, "sum", lengths=segments, unsafe=True)
         for n in large:
             per_alpha[alpha_of[n]] += _inner_product(h_shift[n], g_shift[n])
-        per_alpha = per_alpha * scale
-        for a, value in zip(range(len(alphas)), per_alpha.unbind()):
-            grads[a] = value if a in used else None
-        return grads
+        values = (per_alpha * scale).unbind()
+        return [values[a] if a in used else None for a in range(len(alphas))]
     for h, g, a in zip(h_shift, g_shift, alpha_of):
         product = torch.vdot(h.reshape(-1), g.reshape(-1)) if alphas[a].dim() == 0 else h * g
         grads[a] = product if grads[a] is None else grads[a] + product
@@ -535,7 +537,7 @@ def _finite(tensors: Sequence[Tensor]) -> Tensor:
     at 2**25 entries), so there the minimum and maximum are taken instead (both are finite exactly when
     every entry is; a NaN propagates to both): one pair over the concatenated small tensors, one pair
     per large tensor (see :data:`LARGE_TENSOR`), which is never copied."""
-    if not all(t.device.type == "cpu" for t in tensors):
+    if not all(t.is_cpu for t in tensors):
         return torch.stack(torch._foreach_norm(tensors, ord=math.inf)).isfinite().all()
     large, small = _by_size(tensors)
     extremes = [e for k in large for e in torch.aminmax(tensors[k])]
