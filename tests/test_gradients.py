@@ -197,6 +197,41 @@ def test_layers_outside_the_selection_get_exact_cross_terms():
     assert any((params[n].grad - fo_grads[n]).abs().max() > 1e-9 for n in conv_names)
 
 
+class AppliedTwice(nn.Module):
+    """One linear layer used twice in a forward pass: its gradient has two contributions."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.inner = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
+
+
+@pytest.mark.parametrize("mode", ["full", "fo"])
+def test_a_layer_applied_twice_is_shifted_for_both_uses(mode):
+    """Second order hands each weight its own storage back as soon as its gradient at w' is complete:
+    after both uses of the twice-applied layer, not after the first."""
+    model = AppliedTwice().double()
+    task_i, task_j = make_tasks(5, (4,), 3, 6)
+    assert_matches_reference(model, task_i, task_j, mode, 0.8)
+
+
+def test_release_early_gives_the_storage_back_once_the_gradient_is_complete():
+    param = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    own = param.data_ptr()
+    values = [torch.full((3,), 2.0, dtype=torch.float64)]
+    with functional.swapped_storage([param], values, release_early=True):
+        assert values == [] and param.data_ptr() != own and param[0].item() == 2.0
+        loss = (param * param).sum() + param.sum() ** 2
+        (grad,) = torch.autograd.grad(loss, [param])
+        assert param.data_ptr() == own  # back before the block ends
+    assert torch.equal(grad, torch.full((3,), 2 * 2.0 + 2 * 6.0, dtype=torch.float64))
+    assert param.data_ptr() == own and not param._backward_hooks
+
+
 # -- finite differences --------------------------------------------------------------------------
 
 

@@ -166,20 +166,39 @@ def _by_size(tensors: Sequence[Tensor]) -> tuple[list[int], list[int]]:
 
 
 @contextmanager
-def swapped_storage(params: Sequence[Tensor], values: Sequence[Tensor]) -> Iterator[None]:
+def swapped_storage(
+    params: Sequence[Tensor], values: list[Tensor], release_early: bool = False
+) -> Iterator[None]:
     """Make each ``params[k]`` hold ``values[k]`` inside the block; restore the originals after.
 
     The swap exchanges storage (``.data``), so the restore is exact and copies nothing, and
     autograd's leaves (and a module's references to them) stay the same objects.
+
+    With ``release_early`` each parameter gets its own storage back as soon as autograd has computed
+    its gradient inside the block (all of its uses are then differentiated), and ``values`` is
+    emptied: a value that nothing else holds is freed during the backward pass, not after it.
     """
     originals = [p.data for p in params]
+    handles = []
     try:
-        for p, v in zip(params, values):
-            p.data = v
+        for k, p in enumerate(params):  # no local name keeps a value alive
+            p.data = values[k]
+        if release_early:
+            values.clear()
+            handles = [p.register_hook(_restore_storage(p, o)) for p, o in zip(params, originals)]
         yield
     finally:
+        for handle in handles:
+            handle.remove()
         for p, original in zip(params, originals):
             p.data = original
+
+
+def _restore_storage(param: Tensor, original: Tensor) -> Callable[[Tensor], None]:
+    def restore(grad: Tensor) -> None:
+        param.data = original
+
+    return restore
 
 
 def mltp_gradients(
@@ -268,7 +287,9 @@ def _mltp_gradients(
         if loss_scale is not None:
             inner_alphas = _scaled_alphas(alphas, alpha_of, loss_scale.reciprocal())
         w_shifted = lookahead(shifted_params, g_shift, inner_alphas, workspace.lookahead, finite)
-    with torch.enable_grad(), swapped_storage(shifted_params, w_shifted):
+    # second order: each w'_k is freed once task j's backward pass is done with it (first order keeps
+    # its storage from step to step)
+    with torch.enable_grad(), swapped_storage(shifted_params, w_shifted, release_early=not first_order):
         loss_j = evaluate_loss(closure_j, "j")
         grads_j = _differentiate(loss_j, params, loss_scale, "j", create_graph=False)
     del w_shifted
