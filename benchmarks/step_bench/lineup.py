@@ -116,7 +116,8 @@ def peer_problem(peer: str) -> Optional[str]:
 
 
 SYNC_FREE_PAIR = ("halves-fused", "fo-skip-fused")
-"""Run on a GPU only: there a host synchronisation drains the queue of kernels; on a CPU it costs nothing."""
+"""Run on a GPU only: there a host synchronisation drains the queue of kernels; on a CPU it costs next
+to nothing."""
 
 
 def plan_contestants(
