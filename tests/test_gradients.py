@@ -197,6 +197,18 @@ def test_layers_outside_the_selection_get_exact_cross_terms():
     assert any((params[n].grad - fo_grads[n]).abs().max() > 1e-9 for n in conv_names)
 
 
+@pytest.mark.parametrize("large_from", [functional.LARGE_TENSOR, 20])
+@pytest.mark.parametrize("mode", ["fo", "full", "conv"])
+def test_the_fused_kernel_path_gives_the_same_gradients(monkeypatch, mode, large_from):
+    """Where fused multi-tensor kernels run (a GPU), the per-layer alphas are expanded to their tensors'
+    shapes before the lookahead and the Hessian term; here that path runs on the CPU."""
+    monkeypatch.setattr(functional, "_fused_kernels", lambda tensor: True)
+    monkeypatch.setattr(functional, "LARGE_TENSOR", large_from)
+    model = make_cnn(3, channels=3, classes=4)
+    task_i, task_j = make_tasks(3, (2, 6, 6), 4, 5)
+    assert_matches_reference(model, task_i, task_j, mode, 0.9)
+
+
 class AppliedTwice(nn.Module):
     """One linear layer used twice in a forward pass: its gradient has two contributions."""
 

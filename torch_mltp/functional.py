@@ -114,16 +114,33 @@ def lookahead(
             if finite is not None:
                 directions = _zero_unless(finite, directions)
             torch._foreach_copy_([out[k] for k in small], [params[k] for k in small])
-            step_sizes = [alphas[k] for k in small]
-            if _fused_foreach(params[small[0]]):
-                step_sizes = _shaped_like(step_sizes, [params[k] for k in small])
+            step_sizes = _foreach_operands([alphas[k] for k in small], [params[k] for k in small])
             torch._foreach_addcmul_([out[k] for k in small], directions, step_sizes, value=-1)
         return out
 
 
-def _fused_foreach(tensor: Tensor) -> bool:
-    """Whether ``torch._foreach_*`` runs fused multi-tensor kernels on this tensor's device (it loops
-    over the tensors on the CPU, where operands of different shapes then cost nothing extra)."""
+def _scale_by(tensors: list[Tensor], factors: list[Tensor]) -> None:
+    """``tensors[k] *= factors[k]`` in place (each factor broadcasts), a fixed number of launches."""
+    large, small = _by_size(tensors)
+    for k in large:
+        tensors[k].mul_(factors[k])
+    if small:
+        operands = _foreach_operands([factors[k] for k in small], [tensors[k] for k in small])
+        torch._foreach_mul_([tensors[k] for k in small], operands)
+
+
+def _foreach_operands(factors: list[Tensor], likes: list[Tensor]) -> list[Tensor]:
+    """``factors`` ready to be the second operand of a ``_foreach_*`` operation over ``likes``.
+
+    On the CPU ``_foreach_*`` loops over the tensors, and a factor that broadcasts (a per-layer alpha)
+    costs nothing extra.  Elsewhere its fused multi-tensor kernel takes only operands of equal shapes,
+    and would otherwise launch one kernel per tensor: the factors are then expanded to their tensors'
+    shapes in one concatenation (see :func:`_shaped_like`)."""
+    return _shaped_like(factors, likes) if _fused_kernels(likes[0]) else factors
+
+
+def _fused_kernels(tensor: Tensor) -> bool:
+    """Whether ``torch._foreach_*`` runs fused multi-tensor kernels on this tensor's device."""
     return tensor.device.type != "cpu"
 
 
@@ -311,7 +328,7 @@ def _mltp_gradients(
             # -eta * H_i[:, S] (alpha * h_j,S), accumulated into those buffers; the vectors take h_j's
             vectors = [grads_j[k] for k in shifted]
             present = [n for n, v in enumerate(vectors) if v is not None]
-            torch._foreach_mul_([vectors[n] for n in present], [step_alphas[n] for n in present])
+            _scale_by([vectors[n] for n in present], [step_alphas[n] for n in present])
             torch._foreach_mul_(
                 [vectors[n] for n in present], -eta if loss_scale is None else -eta / loss_scale
             )
