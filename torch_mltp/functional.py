@@ -294,7 +294,8 @@ def _mltp_gradients(
     step_alphas = [alphas[a] for a in alpha_of]
     # From here on only values are combined (no_grad); g_i's graph serves the Hessian term alone.
     with torch.no_grad():
-        values_i = _owned([None if g is None else g.detach() for g in grads_i], params)
+        # without create_graph the gradients carry no graph and need no detached copies of their handles
+        values_i = _owned(list(grads_i) if first_order else [_detached(g) for g in grads_i], params)
         if average is not None:
             loss_i, *values_i = average([loss_i.detach(), *values_i], [loss_i, *params])
         g_shift = [_value_or_zeros(values_i[k], params[k]) for k in shifted]
@@ -550,6 +551,10 @@ def alpha_segment_lengths(shifted: Sequence[Tensor], alpha_of: Sequence[int], nu
         if tensor.numel() < LARGE_TENSOR:
             lengths[a] += tensor.numel()
     return lengths
+
+
+def _detached(grad: Optional[Tensor]) -> Optional[Tensor]:
+    return None if grad is None else grad.detach()
 
 
 def _value_or_zeros(grad: Optional[Tensor], param: Tensor) -> Tensor:
