@@ -38,8 +38,13 @@ from step_bench.workloads import ALPHA_INIT, ETA, LR, WORKLOADS, build_model, ma
 from torch_mltp import MLTPOptimizer, task_closures
 
 
-def halves(model, fused=False):
-    opt = torch.optim.Adam(model.parameters(), lr=LR, **({"fused": True} if fused else {"foreach": True}))
+def adam(model, fused=False):
+    """Adam as it runs on a GPU: the multi-tensor (foreach) implementation, or the fused one."""
+    return torch.optim.Adam(model.parameters(), lr=LR, **({"fused": True} if fused else {"foreach": True}))
+
+
+def halves(model):
+    opt = adam(model)
 
     def step(x, y):
         opt.zero_grad(set_to_none=True)
@@ -52,10 +57,9 @@ def halves(model, fused=False):
 
 def mltp(mode, nonfinite="raise", fused=False):
     def factory(model):
-        base = torch.optim.Adam(
-            model.parameters(), lr=LR, **({"fused": True} if fused else {"foreach": True})
+        opt = MLTPOptimizer(
+            adam(model, fused), model, eta=ETA, alpha_init=ALPHA_INIT, mode=mode, nonfinite=nonfinite
         )
-        opt = MLTPOptimizer(base, model, eta=ETA, alpha_init=ALPHA_INIT, mode=mode, nonfinite=nonfinite)
 
         def step(x, y):
             opt.zero_grad()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from test_gradients import make_cnn, make_tasks, mltp_step_gradients
 from torch_mltp import MLTPOptimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from step_bench.opcount import is_synchronisation_warning
+from step_bench.opcount import synchronisations_of
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -51,19 +50,6 @@ def test_gradients_on_the_gpu_match_the_float64_reference(mode):
         torch.testing.assert_close(alpha.grad.cpu(), alpha_grads[id(on_cpu[name])], rtol=1e-8, atol=1e-10)
 
 
-def synchronisations(run) -> int:
-    """How many times ``run()`` makes the host wait for the GPU."""
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            run()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum(is_synchronisation_warning(str(w.message)) for w in caught)
-
-
 def training(nonfinite, fused):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).cuda()
@@ -89,9 +75,9 @@ def snapshot(model, opt):
 
 def test_skip_with_a_fused_base_optimizer_never_waits_for_the_gpu():
     model, opt, step = training("skip", fused=True)
-    assert synchronisations(step) == 0
+    assert synchronisations_of(step) == 0
     before, state = snapshot(model, opt), copy.deepcopy(opt.base_optimizer.state_dict()["state"])
-    assert synchronisations(lambda: step(poison=True)) == 0
+    assert synchronisations_of(lambda: step(poison=True)) == 0
     assert all(torch.equal(a, b) for a, b in zip(snapshot(model, opt), before))
     after = opt.base_optimizer.state_dict()["state"]
     assert all(torch.equal(after[k][n], state[k][n]) for k in state for n in state[k])
@@ -102,7 +88,7 @@ def test_skip_with_a_fused_base_optimizer_never_waits_for_the_gpu():
 
 def test_raise_waits_for_the_gpu_once_per_step():
     model, opt, step = training("raise", fused=False)
-    assert synchronisations(step) == 1
+    assert synchronisations_of(step) == 1
     before = snapshot(model, opt)
     with pytest.raises(FloatingPointError, match="L_i"):
         step(poison=True)

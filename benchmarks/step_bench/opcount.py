@@ -54,16 +54,21 @@ def _in_base_step(event) -> bool:
 
 
 def cuda_synchronisations(step, x, y) -> int:
-    """The host synchronisations of one call of ``step`` on a GPU (after two warm-up calls), as
-    ``torch.cuda.set_sync_debug_mode("warn")`` reports them: every operation that waits for the device."""
+    """The host synchronisations of one call of ``step`` on a GPU (after two warm-up calls)."""
     for _ in range(2):
         step(x, y)
+    return synchronisations_of(lambda: step(x, y))
+
+
+def synchronisations_of(run) -> int:
+    """How many times ``run()`` makes the host wait for the GPU, as
+    ``torch.cuda.set_sync_debug_mode("warn")`` reports it: every operation that waits for the device."""
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            step(x, y)
+            run()
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return sum(is_synchronisation_warning(str(w.message)) for w in caught)
