@@ -471,17 +471,20 @@ def test_nonfinite_step_raises_or_skips_and_changes_nothing(loss_i, loss_j, quan
     assert state_after == state_before
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("large_from", [functional.LARGE_TENSOR, 4])  # 4: a 3x3 gradient counts as large
 @pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), -float("inf")])
-def test_the_finiteness_check_finds_one_bad_entry_and_no_overflow(monkeypatch, large_from, bad):
+def test_the_finiteness_check_finds_one_bad_entry_and_no_overflow(monkeypatch, large_from, bad, dtype):
     monkeypatch.setattr(functional, "LARGE_TENSOR", large_from)
-    grads = [torch.ones(2), torch.full((3, 3), -3e38)]  # finite, but the norm of the second overflows
+    huge = -0.9 * torch.finfo(dtype).max  # finite, but a norm or a sum of such entries overflows
+    grads = [torch.ones(2, dtype=dtype), torch.full((3, 3), huge, dtype=dtype)]
     if bad is not None:
         grads[1][1, 2] = bad
     result = functional.MLTPGradients(
         torch.tensor(3.0), torch.tensor(1.0), torch.tensor(2.0), grads, [torch.ones(())]
     )
     assert functional.first_nonfinite(result) == (None if bad is None else "dJ/dw[1]")
+    assert functional._finite_on_host(grads) == (bad is None)  # the fast check alone, no search
     assert functional.nonfinite_flag(result).item() == (bad is not None)
     # the lookahead's guard (GradScaler, nonfinite="skip"): w' = w - alpha * g when g is finite, else w
     for direction in (grads, grads[1:]):

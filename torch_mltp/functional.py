@@ -341,7 +341,7 @@ def _mltp_gradients(
             )
             if average is not None:  # the shared terms are equal everywhere: average the sum
                 param_grads = average(param_grads, params)
-        objective = loss_i.detach() + eta * loss_j.detach()
+        objective = torch.add(loss_i, loss_j, alpha=eta)  # eq. (4), detached under no_grad
     return MLTPGradients(objective, loss_i.detach(), loss_j.detach(), param_grads, alpha_result)
 
 
@@ -568,26 +568,49 @@ def nonfinite_flag(result: MLTPGradients) -> Tensor:
 
 def _all_finite(result: MLTPGradients) -> Tensor:
     """A device bool: every entry of ``L_i``, ``L_j`` and the gradients is finite."""
+    return _finite(_quantities(result))
+
+
+def _quantities(result: MLTPGradients) -> list[Tensor]:
+    """``L_i``, ``L_j`` and the gradients of a step (the present ones)."""
     grads = [g for g in (*result.param_grads, *(result.alpha_grads or ())) if g is not None]
-    return _finite([result.loss_i, result.loss_j, *grads])
+    return [result.loss_i, result.loss_j, *grads]
 
 
 def _finite(tensors: Sequence[Tensor]) -> Tensor:
-    """A device bool: every entry of ``tensors`` is finite.
+    """A device bool: every entry of ``tensors`` is finite (no host synchronisation)."""
+    return _extremes(tensors).isfinite().all()
+
+
+def _finite_on_host(tensors: Sequence[Tensor]) -> bool:
+    """Every entry of ``tensors`` is finite, read with one synchronisation.
+
+    On the CPU the largest magnitude of the extremes is read (a NaN propagates to it, and it cannot
+    overflow), which takes fewer operations than the device bool of :func:`_finite`."""
+    if not all(t.is_cpu for t in tensors):
+        return bool(_finite(tensors).item())
+    extremes = _extremes(tensors)
+    return not extremes.numel() or math.isfinite(torch.linalg.vector_norm(extremes, math.inf).item())
+
+
+def _extremes(tensors: Sequence[Tensor]) -> Tensor:
+    """A short 1-D tensor whose entries are all finite exactly when every entry of ``tensors`` is.
 
     On an accelerator, one fused reduction: the largest magnitude per tensor (it cannot overflow, as a
     norm can).  On the CPU that reduction is neither fused nor vectorised (ten times slower than a sum
     at 2**25 entries), so there the minimum and maximum are taken instead (both are finite exactly when
     every entry is; a NaN propagates to both): one pair over the concatenated small tensors, one pair
     per large tensor (see :data:`LARGE_TENSOR`), which is never copied."""
+    if not tensors:
+        return torch.zeros(0)
     if not all(t.is_cpu for t in tensors):
-        return torch.stack(torch._foreach_norm(tensors, ord=math.inf)).isfinite().all()
+        return torch.stack(torch._foreach_norm(tensors, ord=math.inf))
     large, small = _by_size(tensors)
     extremes = [e for k in large for e in torch.aminmax(tensors[k])]
     pieces = [tensors[k].reshape(-1) for k in small if tensors[k].numel()]
     if pieces:
         extremes.extend(torch.aminmax(torch.cat(pieces)))
-    return torch.stack(extremes).isfinite().all() if extremes else torch.tensor(True)
+    return torch.stack(extremes) if extremes else torch.zeros(0)
 
 
 def first_nonfinite(result: MLTPGradients) -> Optional[str]:
@@ -595,7 +618,7 @@ def first_nonfinite(result: MLTPGradients) -> Optional[str]:
 
     One fused reduction decides the common, all-finite case; only a failure pays for a search.
     """
-    if _all_finite(result).item():
+    if _finite_on_host(_quantities(result)):
         return None
     if not torch.isfinite(result.loss_i):
         return "L_i"
