@@ -87,3 +87,26 @@ def test_the_peers_compute_the_gradients_of_full_mltp(peer):
     from step_bench.workloads import WORKLOADS
 
     assert check_peer(peer, WORKLOADS["mlp"], seed=0) is None
+
+
+@pytest.mark.parametrize("label", ["mlp", "cnet1"])
+def test_the_hand_written_floor_computes_the_gradients_of_fo(label):
+    """The ``fo-by-hand`` contestant computes what ``mode="fo"`` does: dJ/dw and dJ/dalpha in float64."""
+    import copy
+
+    import torch
+    from step_bench.contestants import fo_by_hand_gradients
+    from step_bench.lineup import CHECK_ALPHA, CHECK_BATCH, mltp_reference_gradients
+    from step_bench.workloads import WORKLOADS, build_model, make_batches
+
+    from torch_mltp import model_layers
+
+    model = build_model(WORKLOADS[label], torch.device("cpu"), seed=0).double()
+    x, y = make_batches(WORKLOADS[label], 1, CHECK_BATCH, torch.device("cpu"), torch.float64)[0]
+    expected_w, expected_a = mltp_reference_gradients(copy.deepcopy(model), "fo", CHECK_ALPHA, x, y)
+    alphas = torch.full((len(model_layers(model)),), CHECK_ALPHA, dtype=torch.float64, requires_grad=True)
+    fo_by_hand_gradients(model, alphas)(x, y)
+    for got, want in zip([p.grad for p in model.parameters()], expected_w):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(alphas.grad, torch.stack(expected_a), rtol=1e-12, atol=1e-14)
+    assert alphas.grad.abs().min() > 0  # the comparison is not between zeros

@@ -2,11 +2,13 @@
 
 ``standard`` and ``halves`` are plain training; ``fo``, ``fc``, ``conv``, ``full`` and ``fo-fixed-alpha``
 are torch_mltp's ``MLTPOptimizer``; ``higher`` and ``torchopt`` are the ``full`` objective written with
-those libraries, as their documentation writes it (imported only when such a contestant is built).
+those libraries, as their documentation writes it (imported only when such a contestant is built);
+``fo-by-hand`` is the first-order objective written directly into the loop, the floor of ``fo``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -147,6 +149,68 @@ def torchopt_objective(model: nn.Module, alphas: list[Tensor]) -> Objective:
 PEER_OBJECTIVES = {"higher": higher_objective, "torchopt": torchopt_objective}
 
 
+def fo_by_hand_gradients(model: nn.Module, alphas: Tensor) -> Callable[[Tensor, Tensor], None]:
+    """First-order MLTP's gradients written by hand: ``gradients(x, y)`` sets the weights' ``.grad`` to
+    ``g_i + eta * h_j`` and ``alphas.grad`` to ``-eta * <h_j, g_i>`` per layer (``alphas[k]`` is the step
+    size of ``model_layers(model)[k]``, which must hold every parameter).
+
+    What ``MLTPOptimizer(mode="fo")`` computes, with the fewest operations: the lookahead
+    ``w' = w - alpha * g_i`` with two foreach operations into storage kept between steps, task j run on
+    ``w'`` by swapping the weights' storage, one segmented sum for the alphas, ``g_i + eta * h_j`` in
+    place, and one read of a sum that is finite only when every gradient entry is.  No argument checks,
+    accumulation, frozen layers, hooks or restoring on failure: the floor of the design, not a usable
+    optimizer.
+    """
+    layers = model_layers(model)
+    params = [p for layer in layers for p in layer.params]
+    layer_of = [k for k, layer in enumerate(layers) for _ in layer.params]
+    entries = torch.tensor([sum(p.numel() for p in layer.params) for layer in layers], device=alphas.device)
+    shifted = [torch.empty_like(p) for p in params]
+    loss = cross_entropy_of(model)
+
+    def gradients(x: Tensor, y: Tensor) -> None:
+        (x_i, x_j), (y_i, y_j) = x.chunk(2), y.chunk(2)
+        g_i = list(torch.autograd.grad(loss(x_i, y_i), params))
+        with torch.no_grad():
+            step_sizes = alphas.detach().unbind()
+            torch._foreach_copy_(shifted, params)
+            torch._foreach_addcmul_(shifted, g_i, [step_sizes[k] for k in layer_of], value=-1)
+        originals = [p.data for p in params]
+        for p, w in zip(params, shifted):
+            p.data = w
+        try:
+            h_j = torch.autograd.grad(loss(x_j, y_j), params)
+        finally:
+            for p, w in zip(params, originals):
+                p.data = w
+        with torch.no_grad():
+            products = torch.cat([t.reshape(-1) for t in torch._foreach_mul(h_j, g_i)])
+            alphas.grad = torch.segment_reduce(products, "sum", lengths=entries, unsafe=True).mul_(-ETA)
+            torch._foreach_add_(g_i, h_j, alpha=ETA)
+            if not math.isfinite(torch.cat([g.reshape(-1) for g in g_i]).sum().item()):
+                raise FloatingPointError("a non-finite gradient")
+            for p, g in zip(params, g_i):
+                p.grad = g
+
+    return gradients
+
+
+def fo_by_hand_step(model: nn.Module) -> Step:
+    """:func:`fo_by_hand_gradients` and one Adam step on the weights and, as a second group, the alphas
+    (one tensor, as ``MLTPOptimizer`` keeps them)."""
+    alphas = torch.empty(len(model_layers(model)), device=next(model.parameters()).device)
+    alphas.normal_(*ALPHA_INIT).requires_grad_()
+    gradients = fo_by_hand_gradients(model, alphas)
+    opt = torch.optim.Adam([{"params": model.parameters()}, {"params": [alphas], "weight_decay": 0.0}], lr=LR)
+
+    def step(x: Tensor, y: Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        gradients(x, y)
+        opt.step()
+
+    return step
+
+
 def draw_alphas(model: nn.Module) -> list[Tensor]:
     """One alpha per layer drawn as torch_mltp draws them: N(1e-3, 1e-3)."""
     like = next(model.parameters())
@@ -180,6 +244,7 @@ CONTESTANTS: dict[str, Callable[[nn.Module], Step]] = {
     "halves": halves_step,
     **{mode: mltp_step(mode) for mode in MLTP_MODES},
     "fo-fixed-alpha": mltp_step("fo", learn_alpha=False),  # alpha as a hyperparameter (paper III-E)
+    "fo-by-hand": fo_by_hand_step,
     # without host synchronisation (GPU only): fused Adam, and MLTP skipping non-finite steps on the device
     "halves-fused": lambda model: halves_step(model, fused=True),
     "fo-skip-fused": mltp_step("fo", nonfinite="skip", fused=True),

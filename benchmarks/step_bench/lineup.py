@@ -125,7 +125,7 @@ def plan_contestants(
 ) -> tuple[list[str], dict[str, str]]:
     """The contestants to run on ``workload`` and a note for each one left out."""
     model = build_model(workload, torch.device("cpu"), seed)
-    names, skipped = ["standard", "halves", "fo", "fo-fixed-alpha"], {}
+    names, skipped = ["standard", "halves", "fo", "fo-by-hand", "fo-fixed-alpha"], {}
     if device_type == "cuda":
         names += list(SYNC_FREE_PAIR)
     full_layers = selected_layer_names(model, "full")
