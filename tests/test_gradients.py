@@ -223,25 +223,31 @@ class AppliedTwice(nn.Module):
 
 
 @pytest.mark.parametrize("mode", ["full", "fo"])
-def test_a_layer_applied_twice_is_shifted_for_both_uses(mode):
+def test_a_layer_applied_twice_is_shifted_for_both_uses(monkeypatch, mode):
     """Second order hands each weight its own storage back as soon as its gradient at w' is complete:
     after both uses of the twice-applied layer, not after the first."""
+    monkeypatch.setattr(functional, "EARLY_RELEASE_FROM", 1)  # every tensor of this small model
     model = AppliedTwice().double()
     task_i, task_j = make_tasks(5, (4,), 3, 6)
     assert_matches_reference(model, task_i, task_j, mode, 0.8)
 
 
-def test_release_early_gives_the_storage_back_once_the_gradient_is_complete():
-    param = nn.Parameter(torch.ones(3, dtype=torch.float64))
-    own = param.data_ptr()
-    values = [torch.full((3,), 2.0, dtype=torch.float64)]
-    with functional.swapped_storage([param], values, release_early=True):
-        assert values == [] and param.data_ptr() != own and param[0].item() == 2.0
-        loss = (param * param).sum() + param.sum() ** 2
-        (grad,) = torch.autograd.grad(loss, [param])
-        assert param.data_ptr() == own  # back before the block ends
+def test_release_early_gives_the_storage_back_once_the_gradient_is_complete(monkeypatch):
+    """A tensor of at least EARLY_RELEASE_FROM entries gets its storage back as soon as its gradient is
+    complete; a smaller one at the end of the block."""
+    monkeypatch.setattr(functional, "EARLY_RELEASE_FROM", 3)
+    large, small = (nn.Parameter(torch.ones(n, dtype=torch.float64)) for n in (3, 2))
+    own = [large.data_ptr(), small.data_ptr()]
+    values = [torch.full((3,), 2.0, dtype=torch.float64), torch.full((2,), 3.0, dtype=torch.float64)]
+    with functional.swapped_storage([large, small], values, release_early=True):
+        assert values == [] and large.data_ptr() != own[0] and large[0].item() == 2.0
+        loss = (large * large).sum() + large.sum() ** 2 + small.sum()
+        grad, _ = torch.autograd.grad(loss, [large, small])
+        assert large.data_ptr() == own[0]  # back before the block ends
+        assert small.data_ptr() != own[1] and small[0].item() == 3.0  # still w'
     assert torch.equal(grad, torch.full((3,), 2 * 2.0 + 2 * 6.0, dtype=torch.float64))
-    assert param.data_ptr() == own and not param._backward_hooks
+    assert [large.data_ptr(), small.data_ptr()] == own
+    assert not large._backward_hooks and not small._backward_hooks
 
 
 # -- finite differences --------------------------------------------------------------------------

@@ -182,6 +182,12 @@ def _by_size(tensors: Sequence[Tensor]) -> tuple[list[int], list[int]]:
     return large, [k for k in range(len(tensors)) if k not in taken]
 
 
+EARLY_RELEASE_FROM = 2**16
+"""Entries from which :func:`swapped_storage` hands a parameter's storage back early: a hook costs the
+host several microseconds per tensor and step, more than freeing a smaller value a little earlier is
+worth (biases and normalisation weights keep theirs to the end of the block)."""
+
+
 @contextmanager
 def swapped_storage(
     params: Sequence[Tensor], values: list[Tensor], release_early: bool = False
@@ -191,9 +197,10 @@ def swapped_storage(
     The swap exchanges storage (``.data``), so the restore is exact and copies nothing, and
     autograd's leaves (and a module's references to them) stay the same objects.
 
-    With ``release_early`` each parameter gets its own storage back as soon as autograd has computed
-    its gradient inside the block (all of its uses are then differentiated), and ``values`` is
-    emptied: a value that nothing else holds is freed during the backward pass, not after it.
+    With ``release_early`` each parameter of at least :data:`EARLY_RELEASE_FROM` entries gets its own
+    storage back as soon as autograd has computed its gradient inside the block (all of its uses are
+    then differentiated), and ``values`` is emptied: a value that nothing else holds is freed during
+    the backward pass, not after it.
     """
     originals = [p.data for p in params]
     handles = []
@@ -202,7 +209,11 @@ def swapped_storage(
             p.data = values[k]
         if release_early:
             values.clear()
-            handles = [p.register_hook(_restore_storage(p, o)) for p, o in zip(params, originals)]
+            handles = [
+                p.register_hook(_restore_storage(p, o))
+                for p, o in zip(params, originals)
+                if p.numel() >= EARLY_RELEASE_FROM
+            ]
         yield
     finally:
         for handle in handles:
