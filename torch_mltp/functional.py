@@ -546,7 +546,7 @@ def _alpha_gradients(
         # unsafe: the lengths add up by construction, and checking them would synchronise with the device
         per_alpha = torch.segment_reduce(products, "sum", lengths=segments, unsafe=True)
         for n in large:
-            per_alpha[alpha_of[n]] += _inner_product(h_shift[n], g_shift[n])
+            per_alpha[alpha_of[n]].add_(_inner_product(h_shift[n], g_shift[n]))  # += would copy it back
         values = (per_alpha * scale).unbind()
         return [values[a] if a in used else None for a in range(len(alphas))]
     for h, g, a in zip(h_shift, g_shift, alpha_of):
