@@ -598,9 +598,9 @@ def _finite_on_host(tensors: Sequence[Tensor]) -> bool:
 
     On the CPU the largest magnitude of the extremes is read (a NaN propagates to it, and it cannot
     overflow), which takes fewer operations than the device bool of :func:`_finite`."""
-    if not all(t.is_cpu for t in tensors):
-        return bool(_finite(tensors).item())
     extremes = _extremes(tensors)
+    if not extremes.is_cpu:
+        return bool(extremes.isfinite().all().item())
     return not extremes.numel() or math.isfinite(torch.linalg.vector_norm(extremes, math.inf).item())
 
 
