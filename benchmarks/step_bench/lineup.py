@@ -120,12 +120,18 @@ SYNC_FREE_PAIR = ("halves-fused", "fo-skip-fused")
 to nothing."""
 
 
+HAND_WRITTEN_FLOOR = "fo-by-hand"
+"""Run on a CPU only: on a GPU its per-layer alphas (one scalar per tensor) would send the fused lookahead
+down its one-kernel-per-tensor path, so it would be no floor there."""
+
+
 def plan_contestants(
     workload: Workload, seed: int, device_type: str = "cpu"
 ) -> tuple[list[str], dict[str, str]]:
     """The contestants to run on ``workload`` and a note for each one left out."""
     model = build_model(workload, torch.device("cpu"), seed)
-    names, skipped = ["standard", "halves", "fo", "fo-by-hand", "fo-fixed-alpha"], {}
+    floor = [HAND_WRITTEN_FLOOR] if device_type == "cpu" else []
+    names, skipped = ["standard", "halves", "fo", *floor, "fo-fixed-alpha"], {}
     if device_type == "cuda":
         names += list(SYNC_FREE_PAIR)
     full_layers = selected_layer_names(model, "full")
