@@ -3,7 +3,8 @@
 ``standard`` and ``halves`` are plain training; ``fo``, ``fc``, ``conv``, ``full`` and ``fo-fixed-alpha``
 are torch_mltp's ``MLTPOptimizer``; ``higher`` and ``torchopt`` are the ``full`` objective written with
 those libraries, as their documentation writes it (imported only when such a contestant is built);
-``fo-by-hand`` is the first-order objective written directly into the loop, the floor of ``fo``.
+``fo-by-hand`` is the first-order objective written directly into the loop, the floor of ``fo`` where
+the host's work dominates (small tensors, on the CPU).
 """
 
 from __future__ import annotations
