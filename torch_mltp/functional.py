@@ -427,12 +427,14 @@ def _owned(grads: list[Optional[Tensor]], params: Sequence[Tensor]) -> list[Opti
 
 def _zero_unless(finite: Tensor, tensors: list[Tensor]) -> list[Tensor]:
     """``tensors`` when ``finite`` (a device bool) is true, else zeros, as views of one new block."""
+
+    def zeroed_unless_finite(t: Tensor) -> Tensor:
+        return torch.where(finite, t, torch.zeros((), dtype=t.dtype, device=t.device))
+
     block = _one_block(tensors)
     if block is None:
-        return [torch.where(finite, t, torch.zeros((), dtype=t.dtype, device=t.device)) for t in tensors]
-    return _pieces(
-        torch.where(finite, block, torch.zeros((), dtype=block.dtype, device=block.device)), tensors
-    )
+        return [zeroed_unless_finite(t) for t in tensors]
+    return _pieces(zeroed_unless_finite(block), tensors)
 
 
 def _scaled_alphas(alphas: Sequence[Tensor], alpha_of: Sequence[int], factor: Tensor) -> list[Tensor]:
