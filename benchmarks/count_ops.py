@@ -95,7 +95,6 @@ def main() -> None:
         for contestant, make in CONTESTANTS.items():
             counts[contestant] = data_ops(make(build_model(workload, device, 0)), x, y)
         syncs = {contestant: counted.pop(SYNC) for contestant, counted in counts.items()}
-        sync_free = data_ops(SYNC_FREE(build_model(workload, device, 0)), x, y)[SYNC]
         if device.type == "cuda":  # what waits for the device, whatever the operation
             for contestant, make in CONTESTANTS.items():
                 syncs[contestant] = cuda_synchronisations(make(build_model(workload, device, 0)), x, y)
@@ -105,6 +104,8 @@ def main() -> None:
                 for contestant, make in (*CONTESTANTS.items(), ("fo (skip, fused Adam)", SYNC_FREE))
             }
             launch_rows.append(f"| {name} | " + " | ".join(str(n) for n in launches.values()) + " |")
+        else:
+            sync_free = data_ops(SYNC_FREE(build_model(workload, device, 0)), x, y)[SYNC]
         tensors = sum(1 for _ in build_model(workload, torch.device("cpu"), 0).parameters())
         total = {contestant: sum(counted.values()) for contestant, counted in counts.items()}
         extra = {c: sum((counts[c] - counts["halves"]).values()) for c in ("fo", "full")}
