@@ -99,7 +99,7 @@ def test_the_hand_written_floor_computes_the_gradients_of_fo(label):
     from step_bench.lineup import CHECK_ALPHA, CHECK_BATCH, mltp_reference_gradients
     from step_bench.workloads import WORKLOADS, build_model, make_batches
 
-    from torch_mltp import model_layers
+    from torch_mltp.selection import model_layers
 
     model = build_model(WORKLOADS[label], torch.device("cpu"), seed=0).double()
     x, y = make_batches(WORKLOADS[label], 1, CHECK_BATCH, torch.device("cpu"), torch.float64)[0]

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from mltp_reference import alphas_by_parameter, gradients, objective, trainable
 from torch import nn
 
-from torch_mltp import MLTPOptimizer, Mode, functional, task_closures
+from torch_mltp import MLTPOptimizer, Mode, _autograd, _multi_tensor, constants, task_closures
 
 ACTIVATIONS = {"tanh": nn.Tanh, "softplus": nn.Softplus, "relu": nn.ReLU}
 
@@ -107,7 +107,7 @@ def test_mlp_gradients_match_double_backward(mode, seed, widths, eta, batch, act
 def test_large_tensors_one_by_one_give_the_same_gradients(monkeypatch, mode, alpha_per):
     """Tensors above ``LARGE_TENSOR`` entries take the one-by-one path (lookahead, dJ/dalpha); with the
     threshold lowered, a CNN mixes both paths and still matches the reference."""
-    monkeypatch.setattr(functional, "LARGE_TENSOR", 20)
+    monkeypatch.setattr(constants, "LARGE_TENSOR", 20)
     model = make_cnn(3, 3, classes=3, batchnorm=True)
     assert {p.numel() >= 20 for p in model.parameters()} == {True, False}
     task_i, task_j = make_tasks(3, (2, 6, 6), 3, 4)
@@ -197,13 +197,13 @@ def test_layers_outside_the_selection_get_exact_cross_terms():
     assert any((params[n].grad - fo_grads[n]).abs().max() > 1e-9 for n in conv_names)
 
 
-@pytest.mark.parametrize("large_from", [functional.LARGE_TENSOR, 20])
+@pytest.mark.parametrize("large_from", [constants.LARGE_TENSOR, 20])
 @pytest.mark.parametrize("mode", ["fo", "full", "conv"])
 def test_the_fused_kernel_path_gives_the_same_gradients(monkeypatch, mode, large_from):
     """Where fused multi-tensor kernels run (a GPU), the per-layer alphas are expanded to their tensors'
     shapes before the lookahead and the Hessian term; here that path runs on the CPU."""
-    monkeypatch.setattr(functional, "_fused_kernels", lambda tensor: True)
-    monkeypatch.setattr(functional, "LARGE_TENSOR", large_from)
+    monkeypatch.setattr(_multi_tensor, "_fused_kernels", lambda tensor: True)
+    monkeypatch.setattr(constants, "LARGE_TENSOR", large_from)
     model = make_cnn(3, channels=3, classes=4)
     task_i, task_j = make_tasks(3, (2, 6, 6), 4, 5)
     assert_matches_reference(model, task_i, task_j, mode, 0.9)
@@ -226,7 +226,7 @@ class AppliedTwice(nn.Module):
 def test_a_layer_applied_twice_is_shifted_for_both_uses(monkeypatch, mode):
     """Second order hands each weight its own storage back as soon as its gradient at w' is complete:
     after both uses of the twice-applied layer, not after the first."""
-    monkeypatch.setattr(functional, "EARLY_RELEASE_FROM", 1)  # every tensor of this small model
+    monkeypatch.setattr(constants, "EARLY_RELEASE_FROM", 1)  # every tensor of this small model
     model = AppliedTwice().double()
     task_i, task_j = make_tasks(5, (4,), 3, 6)
     assert_matches_reference(model, task_i, task_j, mode, 0.8)
@@ -235,11 +235,11 @@ def test_a_layer_applied_twice_is_shifted_for_both_uses(monkeypatch, mode):
 def test_release_early_gives_the_storage_back_once_the_gradient_is_complete(monkeypatch):
     """A tensor of at least EARLY_RELEASE_FROM entries gets its storage back as soon as its gradient is
     complete; a smaller one at the end of the block."""
-    monkeypatch.setattr(functional, "EARLY_RELEASE_FROM", 3)
+    monkeypatch.setattr(constants, "EARLY_RELEASE_FROM", 3)
     large, small = (nn.Parameter(torch.ones(n, dtype=torch.float64)) for n in (3, 2))
     own = [large.data_ptr(), small.data_ptr()]
     values = [torch.full((3,), 2.0, dtype=torch.float64), torch.full((2,), 3.0, dtype=torch.float64)]
-    with functional.swapped_storage([large, small], values, release_early=True):
+    with _autograd.swapped_storage([large, small], values, release_early=True):
         assert values == [] and large.data_ptr() != own[0] and large[0].item() == 2.0
         loss = (large * large).sum() + large.sum() ** 2 + small.sum()
         grad, _ = torch.autograd.grad(loss, [large, small])

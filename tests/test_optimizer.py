@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from mltp_reference import gradients
 from torch import nn
 
-from torch_mltp import MLTPOptimizer, Mode, functional, task_closures
+from torch_mltp import MLTPOptimizer, Mode, _multi_tensor, constants, functional, nonfinite, task_closures
 
 
 def small_cnn(seed=0):
@@ -472,10 +472,10 @@ def test_nonfinite_step_raises_or_skips_and_changes_nothing(loss_i, loss_j, quan
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("large_from", [functional.LARGE_TENSOR, 4])  # 4: a 3x3 gradient counts as large
+@pytest.mark.parametrize("large_from", [constants.LARGE_TENSOR, 4])  # 4: a 3x3 gradient counts as large
 @pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), -float("inf")])
 def test_the_finiteness_check_finds_one_bad_entry_and_no_overflow(monkeypatch, large_from, bad, dtype):
-    monkeypatch.setattr(functional, "LARGE_TENSOR", large_from)
+    monkeypatch.setattr(constants, "LARGE_TENSOR", large_from)
     huge = -0.9 * torch.finfo(dtype).max  # finite, but a norm or a sum of such entries overflows
     grads = [torch.ones(2, dtype=dtype), torch.full((3, 3), huge, dtype=dtype)]
     if bad is not None:
@@ -483,14 +483,14 @@ def test_the_finiteness_check_finds_one_bad_entry_and_no_overflow(monkeypatch, l
     result = functional.MLTPGradients(
         torch.tensor(3.0), torch.tensor(1.0), torch.tensor(2.0), grads, [torch.ones(())]
     )
-    assert functional.first_nonfinite(result) == (None if bad is None else "dJ/dw[1]")
-    assert functional._finite_on_host(grads) == (bad is None)  # the fast check alone, no search
-    assert functional.nonfinite_flag(result).item() == (bad is not None)
+    assert nonfinite.first_nonfinite(result) == (None if bad is None else "dJ/dw[1]")
+    assert nonfinite.finite_on_host(grads) == (bad is None)  # the fast check alone, no search
+    assert (not nonfinite.all_finite(nonfinite.quantities(result)).item()) == (bad is not None)
     # the lookahead's guard (GradScaler, nonfinite="skip"): w' = w - alpha * g when g is finite, else w
     for direction in (grads, grads[1:]):
         weights = [torch.full_like(g, 2.0) for g in direction]
-        shifted = functional.lookahead(
-            weights, direction, [torch.tensor(0.5)] * len(direction), finite=functional._finite(direction)
+        shifted = _multi_tensor.lookahead(
+            weights, direction, [torch.tensor(0.5)] * len(direction), finite=nonfinite.all_finite(direction)
         )
         expected = [w if bad is not None else w - 0.5 * g for w, g in zip(weights, direction)]
         assert all(torch.equal(s, e) for s, e in zip(shifted, expected))

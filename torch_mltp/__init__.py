@@ -6,11 +6,12 @@ The core (this package's top level) imports only torch::
     opt = MLTPOptimizer(torch.optim.Adam(model.parameters(), lr=1e-3), model, eta=1.0, mode="fo")
     opt.zero_grad()
     J = opt.step(*task_closures(lambda x, y: F.cross_entropy(model(x), y), x, y))
+
+The stateless computation of one step is :mod:`torch_mltp.functional`.
 """
 
-from .functional import MLTPGradients, lookahead, mltp_gradients
 from .optimizer import MLTPOptimizer, MLTPStepResult, task_closures
-from .selection import CONV_TYPES, FC_TYPES, PAPER_MODES, Layer, Mode, model_layers, select_layers
+from .selection import CONV_TYPES, FC_TYPES, PAPER_MODES, Mode, select_layers
 
 __version__ = "0.2.0"
 
@@ -18,15 +19,10 @@ __all__ = [
     "CONV_TYPES",
     "FC_TYPES",
     "PAPER_MODES",
-    "Layer",
-    "MLTPGradients",
     "MLTPOptimizer",
     "MLTPStepResult",
     "Mode",
     "__version__",
-    "lookahead",
-    "mltp_gradients",
-    "model_layers",
     "select_layers",
     "task_closures",
 ]

@@ -2,32 +2,33 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from .alphas import AlphaStore
-from .checkpoint import ALPHA_GROUP_KEY, MLTP_STATE_KEY, NONFINITE_POLICIES, restore, snapshot
-from .distributed import GradientAverager, broadcast_from_first_rank, process_group_of
-from .functional import (
-    Closure,
-    MLTPGradients,
-    Workspace,
-    _mltp_gradients,
-    alpha_segment_lengths,
-    first_nonfinite,
-    nonfinite_flag,
+from ._autograd import Closure, MLTPGradients
+from ._multi_tensor import Workspace
+from ._validation import (
+    alpha_group_lr,
+    check_backward_arguments,
+    check_base_optimizer,
+    check_model,
+    check_real,
+    check_selected_dtypes,
+    check_settings,
+    probe_alpha_step,
 )
-from .selection import Mode, resolve_mode, select_layers, unwrap_model
-
-ALPHA_GRANULARITIES = ("layer", "tensor", "element")
-TASK_SCOPES = ("local", "global")
+from .alphas import AlphaStore
+from .checkpoint import check_base_state, check_entry, snapshot
+from .constants import ALPHA_GROUP_KEY, MLTP_STATE_KEY
+from .distributed import GradientAverager, broadcast_from_first_rank, process_group_of
+from .functional import mltp_gradients
+from .nonfinite import NonfiniteState
+from .selection import Layer, Mode, resolve_mode, select_layers
 
 
 class MLTPStepResult(NamedTuple):
@@ -41,31 +42,34 @@ class MLTPStepResult(NamedTuple):
 
 
 @dataclass
-class _Progress:
-    """What changes from step to step.  Kept in one object so that every handle on the optimizer
-    (e.g. Lightning's ``LightningOptimizer``, which forwards attribute reads) updates the same one."""
+class _StepState:
+    """What one step leaves for the next: copied and pickled with the optimizer."""
 
-    skipped_steps: int = 0
-    skip_pending: bool = False
+    nonfinite: NonfiniteState = field(default_factory=NonfiniteState)
     last_result: Optional[MLTPStepResult] = None
-    warned_unheld: bool = False
-    alphas_with_gradient: set = field(default_factory=set)
-    lookahead_storage: dict = field(default_factory=dict)
-    segment_lengths: dict = field(default_factory=dict)
-    layout: Optional[tuple] = None  # (what it was derived from, _Layout)
-    nonfinite_on_device: Optional[Tensor] = None  # 1.0 when the accumulated gradients are not finite
-    skipped_on_device: Optional[Tensor] = None
+    alphas_with_gradient: set = field(default_factory=set)  # indices of the alphas .grad speaks for
+    backward_since_zero_grad: bool = False
+    stepped_since_zero_grad: bool = False
+    warned: set = field(default_factory=set)  # the once-only warnings already given
 
 
 class _Layout(NamedTuple):
-    """One step's ``w`` (the trainable tensors of the weight groups), the indices of the shifted
-    ones in it, the alpha of each shifted one and its position among all selected tensors."""
+    """A step's ``w`` (the trainable tensors of the weight groups), the indices of the shifted ones
+    in it, the alpha of each, the dtype of the gradients, and the fast path's workspace."""
 
     params: list
     shifted: list
     alpha_of: list
-    positions: list
-    alpha_segments: Optional[Tensor]  # entries per alpha, on the device (scalar alphas only)
+    dtype: torch.dtype
+    workspace: Workspace
+
+
+@dataclass
+class _Cache:
+    """What is derived from the param groups and kept to save work: dropped on copy and pickle."""
+
+    layout_key: Optional[tuple] = None
+    layout: Optional[_Layout] = None
 
 
 class MLTPOptimizer(torch.optim.Optimizer):
@@ -107,6 +111,9 @@ class MLTPOptimizer(torch.optim.Optimizer):
             ``"global"``, task i is the union of every process's first task, task j of every
             second task.  See ``docs/distributed.md``.
         process_group: average over this group (default: the DDP model's; none for a plain model).
+        foreach: ``None`` (default) computes a step with fused multi-tensor operations wherever they
+            apply, ``False`` with the plain per-tensor code of
+            :func:`torch_mltp.functional.single_tensor_mltp` (same results).
 
     Example::
 
@@ -132,84 +139,32 @@ class MLTPOptimizer(torch.optim.Optimizer):
         nonfinite: str = "raise",
         tasks: str = "local",
         process_group: Optional[Any] = None,
+        foreach: Optional[bool] = None,
     ) -> None:
-        _check_base_optimizer(base_optimizer)
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        _check_choice("alpha_per", alpha_per, ALPHA_GRANULARITIES)
-        _check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
-        _check_choice("tasks", tasks, TASK_SCOPES)
-        if not isinstance(learn_alpha, bool):
-            raise TypeError(f"learn_alpha must be a bool, got {type(learn_alpha).__name__}")
-        alpha_mean, alpha_std = _parse_alpha_init(alpha_init)
-        if alpha_lr is not None:
-            if not learn_alpha:
-                raise ValueError(
-                    "alpha_lr is the learning rate of learned alphas; with learn_alpha=False drop it"
-                )
-            _check_real("alpha_lr", alpha_lr, positive=True)
-        if alpha_min is not None:
-            _check_real("alpha_min", alpha_min, positive=False, allow_negative=True)
-            alpha_min = float(alpha_min)
+        if isinstance(base_optimizer, MLTPOptimizer):
+            raise TypeError("base_optimizer is already an MLTPOptimizer; wrap the plain optimizer once")
+        check_base_optimizer(base_optimizer)
         self.mode = resolve_mode(mode)
-        _check_model(model, self.mode)
-
-        self.base_optimizer = base_optimizer
-        self.eta = eta
-        self.alpha_per = alpha_per
-        self.learn_alpha = learn_alpha
-        self.alpha_min = alpha_min
-        self.nonfinite = nonfinite
-        self.tasks = tasks
-        self._progress = _Progress()
+        check_model(model, self.mode)
+        settings = (alpha_per, nonfinite, tasks, learn_alpha, alpha_init, alpha_lr, alpha_min, foreach)
+        alpha_mean, alpha_std = check_settings(*settings)
+        self.base_optimizer, self.eta = base_optimizer, eta
+        self.alpha_per, self.learn_alpha = alpha_per, learn_alpha
+        self.alpha_min = None if alpha_min is None else float(alpha_min)
+        self.nonfinite, self.tasks, self.foreach = nonfinite, tasks, foreach
         self._ddp_model = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
-        group = process_group if process_group is not None else process_group_of(model)
-        self._averager = GradientAverager(group) if group is not None else None
-        if tasks == "global" and self._averager is None:
-            raise ValueError(
-                "tasks='global' spreads the tasks over processes: pass a DistributedDataParallel model "
-                "or a process_group"
-            )
+        self._averager = _averager(model, process_group, tasks)
 
-        held = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
-        if not any(id(p) in held for p in model.parameters()):
-            raise ValueError(
-                "base_optimizer holds none of the model's parameters; build it from model.parameters()"
-            )
-        layers = select_layers(model, self.mode, include=lambda p: id(p) in held)
-        self._unheld_params = [
-            p
-            for layer in select_layers(model, self.mode, include=lambda p: True)
-            for p in layer.params
-            if id(p) not in held
-        ]
-        _check_selected_dtypes(layers)
-
-        names, shapes, likes = [], [], []
-        self._shifted_params: list[Tensor] = []
-        self._alpha_of: list[int] = []
-        for layer in layers:
-            alpha_index = None
-            for param_name, param in zip(layer.param_names, layer.params):
-                if alpha_per != "layer" or alpha_index is None:
-                    names.append(layer.name if alpha_per == "layer" else param_name)
-                    shapes.append(param.shape if alpha_per == "element" else torch.Size())
-                    likes.append(param)
-                    alpha_index = len(names) - 1
-                self._shifted_params.append(param)
-                self._alpha_of.append(alpha_index)
-        self._alphas = AlphaStore(names, shapes, likes, alpha_mean, alpha_std, alpha_min, learn_alpha)
+        layers, self._unheld_params = _held_layers(model, self.mode, base_optimizer)
+        self._selected_layers = [layer.name for layer in layers]
+        self._alphas, self._shifted_params, self._alpha_of = _make_alphas(
+            layers, alpha_per, alpha_mean, alpha_std, self.alpha_min, learn_alpha
+        )
         if self._averager is not None and self._averager.world_size > 1:
             broadcast_from_first_rank(self._alphas.buckets, self._averager.process_group)
-
         if learn_alpha:
-            alpha_group: dict[str, Any] = {"params": list(self._alphas.buckets), ALPHA_GROUP_KEY: True}
-            alpha_group["lr"] = alpha_lr if alpha_lr is not None else _base_lr(base_optimizer)
-            if "weight_decay" in base_optimizer.defaults:
-                alpha_group["weight_decay"] = 0.0
-            base_optimizer.add_param_group(alpha_group)
-            _probe_alpha_step(base_optimizer, self._alphas.buckets)
-
+            _add_alpha_group(base_optimizer, self._alphas.buckets, alpha_group_lr(base_optimizer, alpha_lr))
+        self._state, self._cache = _StepState(), _Cache()
         # Optimizer.__init__ sets up the hook machinery; the groups and the state are then the
         # base optimizer's own objects, as in timm's Lookahead and the SAM wrapper.
         super().__init__(
@@ -225,7 +180,7 @@ class MLTPOptimizer(torch.optim.Optimizer):
 
     @eta.setter
     def eta(self, value: float) -> None:
-        _check_real("eta", value, positive=False)
+        check_real("eta", value, positive=False)
         self._eta = float(value)
 
     @property
@@ -241,18 +196,16 @@ class MLTPOptimizer(torch.optim.Optimizer):
     @property
     def skipped_steps(self) -> int:
         """Steps skipped because of non-finite values (``nonfinite="skip"``)."""
-        on_device = self._progress.skipped_on_device
-        return self._progress.skipped_steps + (0 if on_device is None else int(on_device.item()))
+        return self._state.nonfinite.skipped_steps
 
     @skipped_steps.setter
     def skipped_steps(self, value: int) -> None:
-        self._progress.skipped_steps = value
-        self._progress.skipped_on_device = None
+        self._state.nonfinite.skipped_steps = value
 
     @property
     def last_result(self) -> Optional[MLTPStepResult]:
         """``J``, ``L_i`` and ``L_j`` of the last :meth:`backward` (detached)."""
-        return self._progress.last_result
+        return self._state.last_result
 
     # -- the backward pass ------------------------------------------------------------------
     def backward(
@@ -260,7 +213,7 @@ class MLTPOptimizer(torch.optim.Optimizer):
     ) -> Tensor:
         """Accumulate ``dJ/dw`` into the weights' ``.grad`` and ``dJ/dalpha`` into the alphas'.
 
-        ``closure_i`` / ``closure_j`` run a forward pass on task i / task j and return the scalar
+        ``closure_i`` / ``closure_j`` run a forward pass on task i and task j and return the scalar
         loss without calling ``backward``.  Returns ``J`` (eq. 4) detached.  Gradients add up
         over calls, as with ``loss.backward()``; the base optimizer does not step.
 
@@ -277,29 +230,12 @@ class MLTPOptimizer(torch.optim.Optimizer):
         ``nonfinite="raise"`` it raises ``FloatingPointError``, with ``"skip"`` the next
         :meth:`step` changes nothing (and ``zero_grad`` cancels that).
         """
-        if not (callable(closure_i) and callable(closure_j)):
-            raise TypeError(
-                "backward() takes two callables, closure_i and closure_j, each returning a scalar loss"
-            )
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError(
-                "MLTPOptimizer cannot differentiate under torch.inference_mode(): call backward() and "
-                "step() outside that context"
-            )
-        if scaler is not None and not callable(getattr(scaler, "scale", None)):
-            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        check_backward_arguments(closure_i, closure_j, weight, scaler)
         layout = self._layout()
-        if not layout.params:
-            raise ValueError("the base optimizer holds no trainable parameter")
-        _check_real("weight", weight, positive=True)
-        loss_scale = None
-        if scaler is not None:
-            loss_scale = scaler.scale(torch.ones((), device=layout.params[0].device)) * weight
-        elif weight != 1.0:
-            loss_scale = torch.tensor(float(weight), device=layout.params[0].device)
-        global_tasks = self.tasks == "global" and self._averager is not None
+        self._clear_stale_alpha_gradients(layout)
+        global_tasks = self.tasks == "global"
         with self._ddp_model.no_sync() if self._ddp_model is not None else nullcontext():
-            result = _mltp_gradients(
+            result = mltp_gradients(
                 closure_i,
                 closure_j,
                 layout.params,
@@ -309,42 +245,60 @@ class MLTPOptimizer(torch.optim.Optimizer):
                 self._eta,
                 self.mode.first_order,
                 alpha_grads=self.learn_alpha,
-                loss_scale=loss_scale,
+                loss_scale=_loss_scale(layout, weight, scaler),
                 average=self._averager if global_tasks else None,
                 guard_lookahead=self.nonfinite == "skip",
-                workspace=Workspace(self._lookahead_buffers(layout), layout.alpha_segments),
+                foreach=self.foreach,
+                workspace=layout.workspace,
             )
         if self._averager is not None and not global_tasks:
             result = _average_local(self._averager, result, self._eta, layout.params, self._alphas.values)
+        state = self._state
+        on_device = self._skips_on_device(layout)
+        skipped = scaler is None and state.nonfinite.judge(result, self.nonfinite, on_device)
+        state.last_result = MLTPStepResult(result.objective, result.loss_i, result.loss_j, skipped)
+        state.backward_since_zero_grad = True
+        if not skipped:
+            self._accumulate(layout.params, result)
+        return result.objective
 
-        progress = self._progress
-        if scaler is None and self._skips_on_device:
-            flag = nonfinite_flag(result)  # judged by the fused base step, no host synchronisation
-            progress.nonfinite_on_device = (
-                flag
-                if progress.nonfinite_on_device is None
-                else (torch.maximum(progress.nonfinite_on_device, flag))
-            )
-            bad = None
-        else:
-            bad = first_nonfinite(result) if scaler is None else None
-        progress.last_result = MLTPStepResult(result.objective, result.loss_i, result.loss_j, bad is not None)
-        if bad is not None:
-            if self.nonfinite == "raise":
-                raise FloatingPointError(
-                    f"MLTP backward produced a non-finite {bad}; .grad, weights, alphas and optimizer "
-                    "state are unchanged (pass nonfinite='skip' to skip such steps instead)"
-                )
-            self._progress.skip_pending = True
-            return result.objective
-        _accumulate(layout.params, result.param_grads)
+    def _accumulate(self, params: list[Tensor], result: MLTPGradients) -> None:
+        _accumulate(params, result.param_grads)
         if result.alpha_grads is not None:
             _accumulate(self._alphas.buckets, self._alphas.bucket_gradients(result.alpha_grads))
-            self._progress.alphas_with_gradient.update(
-                a for a, g in enumerate(result.alpha_grads) if g is not None
+            received = self._state.alphas_with_gradient
+            received.update(a for a, g in enumerate(result.alpha_grads) if g is not None)
+            self._alphas.publish_gradients(received)
+
+    def _skips_on_device(self, layout: _Layout) -> bool:
+        """``nonfinite="skip"`` with a fused base optimizer whose state exists: the fused kernel skips
+        the update when told so by a device flag (as under ``GradScaler``), so no step waits for the
+        device.  A step that would create state is decided on the host: a fused kernel told to skip
+        may leave the state it creates unwritten (fused SGD's momentum buffers)."""
+        base = self.base_optimizer
+        if self.nonfinite != "skip" or not getattr(base, "_step_supports_amp_scaling", False):
+            return False
+        stepped = layout.params + (self._alphas.buckets if self.learn_alpha else [])
+        return all(p in base.state for p in stepped)
+
+    def _clear_stale_alpha_gradients(self, layout: _Layout) -> None:
+        """``model.zero_grad()`` after a step clears the weights' gradients but not the alphas': clear
+        those too, with a warning, rather than add this step's ``dJ/dalpha`` to the last one's."""
+        state = self._state
+        if not state.stepped_since_zero_grad or not self.learn_alpha:
+            return
+        state.stepped_since_zero_grad = False
+        if all(p.grad is None for p in layout.params) and any(
+            b.grad is not None for b in self._alphas.buckets
+        ):
+            self._warn_once(
+                "model.zero_grad() cleared the weights' gradients but not the alphas'; MLTPOptimizer "
+                "cleared the alphas' gradients too. Call opt.zero_grad(), which clears both",
             )
-            self._alphas.publish_gradients(self._progress.alphas_with_gradient)
-        return result.objective
+            for bucket in self._alphas.buckets:
+                bucket.grad = None
+            state.alphas_with_gradient.clear()
+            self._alphas.publish_gradients(state.alphas_with_gradient)
 
     # -- the step -----------------------------------------------------------------------------
     def step(  # type: ignore[override]
@@ -358,8 +312,10 @@ class MLTPOptimizer(torch.optim.Optimizer):
 
         ``step()`` / ``step(closure)`` follow ``torch.optim``: the closure (if any) is called under
         ``torch.enable_grad()``, then the base optimizer steps on whatever ``.grad`` holds (weights
-        and alphas) and the closure's value is returned.  Step pre-hooks registered on this
-        optimizer run right before the base step, after the gradients exist, in both forms.
+        and alphas) and the closure's value is returned.  Step pre- and post-hooks registered on
+        this optimizer run around the base step, after the gradients exist; a step skipped for
+        non-finite values runs neither (as a ``GradScaler`` skip), except around a ``step(closure)``
+        whose closure found them (the hooks then run around the closure, as in ``torch.optim``).
         """
         if closure_j is not None:
             if closure is not None or not callable(closure_i) or not callable(closure_j):
@@ -367,71 +323,85 @@ class MLTPOptimizer(torch.optim.Optimizer):
                     "step() takes either two callables, closure_i and closure_j, or one torch.optim closure"
                 )
             objective = self.backward(closure_i, closure_j)
-            self._step_base()
+            self._step_unless_skipped()
             return objective
         if closure is not None and closure_i is not None:
             raise TypeError("step() got a closure twice")
         closure = closure if closure is not None else closure_i
         if closure is not None and not callable(closure):
             raise TypeError(f"step()'s closure must be callable, got {type(closure).__name__}")
-        return self._step_base(closure)
+        return self._step_unless_skipped(closure)
 
-    step.hooked = True  # type: ignore[attr-defined]  # hooks run around the base step (_step_base)
+    step.hooked = True  # type: ignore[attr-defined]  # hooks run around the base step (_hooked_step)
+
+    def _step_unless_skipped(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        if closure is None and self._state.nonfinite.take_skip():
+            return None
+        return self._hooked_step(closure)
 
     @torch.optim.Optimizer.profile_hook_step
-    def _step_base(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+    def _hooked_step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        progress = self._progress
-        if progress.skip_pending:
-            progress.skip_pending = False
-            progress.skipped_steps += 1
-            return loss
-        resting = [a for a in range(len(self._alphas.spans)) if a not in progress.alphas_with_gradient]
+            if self._state.nonfinite.take_skip():
+                return loss
+        self._warn_if_not_mltp_gradients()
+        resting = [a for a in range(len(self._alphas.spans)) if a not in self._state.alphas_with_gradient]
         holding = (
             self._alphas.hold(resting, self.base_optimizer.state) if self.learn_alpha and resting else None
         )
-        with holding or nullcontext(), self._device_skip():  # frozen layers' alphas must not move
-            self.base_optimizer.step()
+        with holding or nullcontext(), self._state.nonfinite.device_skip(self.base_optimizer):
+            self.base_optimizer.step()  # frozen layers' alphas are held where they are
         if self.alpha_min is not None and self.learn_alpha:
             self._alphas.clamp(self.alpha_min)
+        self._state.stepped_since_zero_grad = True
         return loss
 
-    @property
-    def _skips_on_device(self) -> bool:
-        """``nonfinite="skip"`` with a fused base optimizer: the fused kernel skips the update when told
-        so by a device flag (as under ``GradScaler``), so no step waits for the device."""
-        return self.nonfinite == "skip" and bool(
-            getattr(self.base_optimizer, "_step_supports_amp_scaling", False)
-        )
-
-    @contextmanager
-    def _device_skip(self) -> Iterator[None]:
-        """Hand the non-finite flag of the accumulated gradients to a fused base step."""
-        progress = self._progress
-        flag = progress.nonfinite_on_device
-        if flag is None:
-            yield
+    def _warn_if_not_mltp_gradients(self) -> None:
+        """A plain ``loss.backward(); opt.step()`` trains as the base optimizer alone: say so once."""
+        state = self._state
+        if state.backward_since_zero_grad or "plain backward" in state.warned:
             return
-        self.base_optimizer.found_inf = flag
-        try:
-            yield
-        finally:
-            del self.base_optimizer.found_inf
-            progress.nonfinite_on_device = None
-            progress.skipped_on_device = (
-                flag if progress.skipped_on_device is None else progress.skipped_on_device + flag
+        if any(
+            p.grad is not None for g in self.param_groups if not g.get(ALPHA_GROUP_KEY) for p in g["params"]
+        ):
+            self._warn_once(
+                "step() found gradients that MLTPOptimizer.backward() did not compute: a plain "
+                "loss.backward() trains as the base optimizer alone and the alphas never move. Use "
+                "opt.backward(closure_i, closure_j) (or opt.step(closure_i, closure_j)) in its place",
+                key="plain backward",
             )
+
+    def _warn_once(self, message: str, key: Optional[str] = None) -> None:
+        key = key or message
+        if key not in self._state.warned:
+            self._state.warned.add(key)
+            warnings.warn(message, UserWarning, stacklevel=4)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients of the weights and of the alphas (and a pending skipped step)."""
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
-        self._progress.skip_pending = False
-        self._progress.nonfinite_on_device = None
-        self._progress.alphas_with_gradient.clear()
-        self._alphas.publish_gradients(self._progress.alphas_with_gradient)
+        state = self._state
+        state.nonfinite.reset()
+        state.backward_since_zero_grad = state.stepped_since_zero_grad = False
+        state.alphas_with_gradient.clear()
+        self._alphas.publish_gradients(state.alphas_with_gradient)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the base optimizer; it is trained, not shifted, and the alphas' group stays last."""
+        if self.param_groups is not self.base_optimizer.param_groups:
+            super().add_param_group(param_group)  # from Optimizer.__init__, before the groups are linked
+            return
+        self.base_optimizer.add_param_group(param_group)
+        self._keep_alpha_group_last()
+
+    def _keep_alpha_group_last(self) -> None:
+        groups = self.param_groups
+        at = next((k for k, g in enumerate(groups) if g.get(ALPHA_GROUP_KEY)), None)
+        if at is not None and at != len(groups) - 1:
+            groups.append(groups.pop(at))
 
     # -- the step's tensors -----------------------------------------------------------------------
     def _layout(self) -> _Layout:
@@ -439,74 +409,56 @@ class MLTPOptimizer(torch.optim.Optimizer):
         groups and (un)freezing are honoured."""
         held = [p for g in self.param_groups if not g.get(ALPHA_GROUP_KEY) for p in g["params"]]
         key = tuple((id(p), p.requires_grad) for p in held)
-        cached = self._progress.layout
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        layout = self._derive_layout([p for p in held if p.requires_grad])
-        self._progress.layout = (key, layout)
-        return layout
+        cache = self._cache
+        if cache.layout is None or cache.layout_key != key:
+            self._keep_alpha_group_last()
+            cache.layout, cache.layout_key = self._derive_layout([p for p in held if p.requires_grad]), key
+        if not cache.layout.params:
+            raise ValueError("the base optimizer holds no trainable parameter")
+        return cache.layout
 
     def _derive_layout(self, params: list[Tensor]) -> _Layout:
         index_of = {id(p): k for k, p in enumerate(params)}
-        shifted, alpha_of, positions = [], [], []
-        for position, (param, alpha_index) in enumerate(zip(self._shifted_params, self._alpha_of)):
+        shifted, alpha_of = [], []
+        for param, alpha_index in zip(self._shifted_params, self._alpha_of):
             if id(param) in index_of:
                 shifted.append(index_of[id(param)])
                 alpha_of.append(alpha_index)
-                positions.append(position)
-        if self._unheld_params and not self._progress.warned_unheld:
-            added = [p for p in self._unheld_params if id(p) in index_of]
-            if added:
-                self._progress.warned_unheld = True
-                warnings.warn(
-                    f"{len(added)} parameter(s) of layers that MLTP shifts were added to the optimizer "
-                    "after MLTPOptimizer was built; they are trained but not shifted (they have no alpha). "
-                    "Build the MLTPOptimizer from a base optimizer that already holds them.",
-                    stacklevel=3,
-                )
-        return _Layout(params, shifted, alpha_of, positions, self._alpha_segments(params, shifted, alpha_of))
-
-    def _alpha_segments(
-        self, params: list[Tensor], shifted: list[int], alpha_of: list[int]
-    ) -> Optional[Tensor]:
-        """The entries per scalar alpha as a device tensor, made once per layout (no copy per step)."""
-        if self.alpha_per == "element" or not shifted:
-            return None
-        lengths = tuple(
-            alpha_segment_lengths([params[k] for k in shifted], alpha_of, len(self._alphas.spans))
-        )
-        cache = self._progress.segment_lengths
-        if lengths not in cache:
-            cache.clear()
-            cache[lengths] = torch.tensor(lengths, device=params[shifted[0]].device)
-        return cache[lengths]
-
-    def _lookahead_buffers(self, layout: _Layout) -> Optional[list[Tensor]]:
-        """Storage for ``w'`` kept between first-order steps, so no step allocates (and, on the CPU,
-        page-faults) a parameter-sized block.  ``w'`` is alive at a first-order step's peak anyway;
-        a second-order step's peak comes after ``w'`` is freed, so it allocates ``w'`` per step."""
-        if not self.mode.first_order:
-            return None
-        kept, buffers = self._progress.lookahead_storage, {}
-        for position, k in zip(layout.positions, layout.shifted):
-            p = layout.params[k]
-            buffer = kept.get(position)
-            if (
-                buffer is None
-                or buffer.shape != p.shape
-                or buffer.dtype != p.dtype
-                or buffer.device != p.device
-            ):
-                buffer = torch.empty_like(p, requires_grad=False)
-            buffers[position] = buffer
-        self._progress.lookahead_storage = buffers
-        return list(buffers.values())
+        if any(id(p) in index_of for p in self._unheld_params):
+            self._warn_once(
+                "parameters of layers that MLTP shifts were added to the optimizer after MLTPOptimizer "
+                "was built; they are trained but not shifted (they have no alpha). Build the "
+                "MLTPOptimizer from a base optimizer that already holds them."
+            )
+        dtype = _promoted_dtype(params) if params else torch.float32
+        return _Layout(params, shifted, alpha_of, dtype, Workspace())
 
     # -- checkpoints and copies ----------------------------------------------------------------------
+    def _settings(self) -> dict[str, Any]:
+        """The settings that the ``"mltp"`` entry of :meth:`state_dict` records."""
+        return {
+            "mode": self.mode.describe(),
+            "first_order": self.mode.first_order,
+            "layers": list(self._selected_layers),
+            "alpha_per": self.alpha_per,
+            "learn_alpha": self.learn_alpha,
+            "eta": self.eta,
+            "alpha_min": self.alpha_min,
+            "nonfinite": self.nonfinite,
+            "skipped_steps": self.skipped_steps,
+        }
+
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict plus an ``"mltp"`` entry with the alphas and settings."""
+        """The base optimizer's state dict plus an ``"mltp"`` entry with the alphas and settings.
+        The state-dict hooks registered on this optimizer run as in ``torch.optim``."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        self._keep_alpha_group_last()
         state = self.base_optimizer.state_dict()
-        state[MLTP_STATE_KEY] = snapshot(self)
+        state[MLTP_STATE_KEY] = snapshot(self._settings(), self.alphas)
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            hooked = post_hook(self, state)
+            state = state if hooked is None else hooked
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -516,7 +468,37 @@ class MLTPOptimizer(torch.optim.Optimizer):
         with missing entries, wrongly shaped or non-finite alphas, is refused with a
         ``ValueError`` and this optimizer (base state included) stays as it was.
         """
-        restore(self, state_dict)
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            hooked = pre_hook(self, state_dict)
+            state_dict = state_dict if hooked is None else dict(hooked)
+        if MLTP_STATE_KEY not in state_dict:
+            raise ValueError("not an MLTPOptimizer state dict: it has no 'mltp' entry")
+        saved = state_dict.pop(MLTP_STATE_KEY)
+        self._keep_alpha_group_last()
+        check_entry(saved, self._settings(), self.alphas)
+        check_base_state(
+            state_dict, len(self.param_groups), self._alphas.buckets if self.learn_alpha else None
+        )
+        base = self.base_optimizer
+        previous = (base.state, base.param_groups)
+        try:
+            base.load_state_dict(state_dict)
+        except Exception:
+            base.state, base.param_groups = previous
+            raise
+        finally:
+            self._link_base()
+        with torch.no_grad():
+            for name, alpha in self.alphas.items():
+                alpha.copy_(saved["alphas"][name])
+        self.eta, self.alpha_min, self.nonfinite = saved["eta"], saved.get("alpha_min"), saved["nonfinite"]
+        self.skipped_steps = saved["skipped_steps"]
+        self._state.nonfinite.reset()
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def _link_base(self) -> None:
         self.param_groups = self.base_optimizer.param_groups
@@ -524,23 +506,13 @@ class MLTPOptimizer(torch.optim.Optimizer):
         self.defaults = self.base_optimizer.defaults
 
     def __getstate__(self) -> dict[str, Any]:
-        """Everything but hooks (as ``torch.optim.Optimizer``) and the lookahead scratch storage, so
-        that ``copy.deepcopy((model, opt))``, pickle and ``torch.save(opt)`` give a working copy."""
-        state = {key: value for key, value in self.__dict__.items() if not key.endswith("_hooks")}
-        progress = self._progress
-        state["_progress"] = _Progress(
-            progress.skipped_steps,
-            progress.skip_pending,
-            progress.last_result,
-            progress.warned_unheld,
-            set(progress.alphas_with_gradient),
-            nonfinite_on_device=progress.nonfinite_on_device,
-            skipped_on_device=progress.skipped_on_device,
-        )
-        return state
+        """Everything but hooks (as ``torch.optim.Optimizer``) and the cache, so that
+        ``copy.deepcopy((model, opt))``, pickle and ``torch.save(opt)`` give a working copy."""
+        return {k: v for k, v in self.__dict__.items() if not k.endswith("_hooks") and k != "_cache"}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._cache = _Cache()
         self._link_base()
 
     def __repr__(self) -> str:
@@ -556,7 +528,8 @@ def task_closures(loss_fn: Callable[..., Tensor], *batch: Any) -> tuple[Closure,
     """Split one batch into the two tasks of the paper's protocol and return their closures.
 
     Every tensor in ``batch`` is split in two halves along dim 0 (a batch of 128 becomes two
-    tasks of 64); anything else is passed to both.  ``loss_fn(*task_batch)`` must return the
+    tasks of 64; an odd batch gives task i the extra sample, as ``Tensor.chunk(2)``: 33 becomes
+    17 and 16); anything else is passed to both.  ``loss_fn(*task_batch)`` must return the
     scalar loss of that task.
     """
     sizes = {x.shape[0] for x in batch if isinstance(x, Tensor) and x.dim() > 0}
@@ -575,6 +548,72 @@ def task_closures(loss_fn: Callable[..., Tensor], *batch: Any) -> tuple[Closure,
     task_i = [h[0] for h in halves]
     task_j = [h[1] for h in halves]
     return (lambda: loss_fn(*task_i)), (lambda: loss_fn(*task_j))
+
+
+def _averager(model: nn.Module, process_group: Optional[Any], tasks: str) -> Optional[GradientAverager]:
+    group = process_group if process_group is not None else process_group_of(model)
+    if group is None and tasks == "global":
+        raise ValueError(
+            "tasks='global' spreads the tasks over processes: pass a DistributedDataParallel model "
+            "or a process_group"
+        )
+    return None if group is None else GradientAverager(group)
+
+
+def _held_layers(
+    model: nn.Module, mode: Mode, base: torch.optim.Optimizer
+) -> tuple[list[Layer], list[Tensor]]:
+    """The selected layers, with only the tensors ``base`` holds, and the selected tensors it does not."""
+    held = {id(p) for g in base.param_groups for p in g["params"]}
+    if not any(id(p) in held for p in model.parameters()):
+        raise ValueError(
+            "base_optimizer holds none of the model's parameters; build it from model.parameters()"
+        )
+    layers = select_layers(model, mode, include=lambda p: id(p) in held)
+    check_selected_dtypes(layers)
+    everything = select_layers(model, mode, include=lambda p: True)
+    return layers, [p for layer in everything for p in layer.params if id(p) not in held]
+
+
+def _make_alphas(
+    layers: list[Layer], alpha_per: str, mean: float, std: float, minimum: Optional[float], learn: bool
+) -> tuple[AlphaStore, list[Tensor], list[int]]:
+    """One alpha per layer, tensor or element, drawn in order; each shifted tensor and its alpha's index."""
+    names, shapes, likes, shifted, alpha_of = [], [], [], [], []
+    for layer in layers:
+        for n, (param_name, param) in enumerate(zip(layer.param_names, layer.params)):
+            if alpha_per != "layer" or n == 0:
+                names.append(layer.name if alpha_per == "layer" else param_name)
+                shapes.append(param.shape if alpha_per == "element" else torch.Size())
+                likes.append(param)
+            shifted.append(param)
+            alpha_of.append(len(names) - 1)
+    return AlphaStore(names, shapes, likes, mean, std, minimum, learn), shifted, alpha_of
+
+
+def _add_alpha_group(base: torch.optim.Optimizer, buckets: list[Tensor], lr: Any) -> None:
+    """The alphas' param group, last: the base ``lr`` (or ``alpha_lr``), no weight decay."""
+    group: dict[str, Any] = {"params": list(buckets), ALPHA_GROUP_KEY: True, "lr": lr}
+    if "weight_decay" in base.defaults:
+        group["weight_decay"] = 0.0
+    base.add_param_group(group)
+    probe_alpha_step(base, buckets)
+
+
+def _promoted_dtype(params: list[Tensor]) -> torch.dtype:
+    dtype = params[0].dtype
+    for p in params[1:]:
+        dtype = torch.promote_types(dtype, p.dtype)
+    return dtype
+
+
+def _loss_scale(layout: _Layout, weight: float, scaler: Optional[Any]) -> Optional[Tensor]:
+    """What both losses are multiplied by before they are differentiated, in the gradients' dtype (so
+    that ``weight`` and ``eta`` are not rounded to float32): the scaler's scale times ``weight``."""
+    if scaler is None and weight == 1.0:
+        return None
+    one = torch.ones((), dtype=layout.dtype, device=layout.params[0].device)
+    return (one if scaler is None else scaler.scale(one)) * weight
 
 
 def _accumulate(tensors: list[Tensor], grads: list[Optional[Tensor]]) -> None:
@@ -607,127 +646,3 @@ def _average_local(
         grads[: len(params)],
         grads[len(params) :] if with_alphas else None,
     )
-
-
-def _check_base_optimizer(base: Any) -> None:
-    if not isinstance(base, torch.optim.Optimizer):
-        raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base).__name__}")
-    if isinstance(base, MLTPOptimizer):
-        raise TypeError("base_optimizer is already an MLTPOptimizer; wrap the plain optimizer once")
-    if any(group.get(ALPHA_GROUP_KEY) for group in base.param_groups):
-        raise ValueError("base_optimizer already holds MLTP alphas; wrap a fresh optimizer")
-    if isinstance(base, torch.optim.LBFGS):
-        raise TypeError(
-            "LBFGS cannot be wrapped: its step re-evaluates a closure several times per step, while "
-            "MLTP's gradients come from its own backward pass; use a first-order optimizer (SGD, Adam, ...)"
-        )
-    if isinstance(base, torch.optim.SparseAdam):
-        raise TypeError(
-            "SparseAdam takes only sparse gradients, and MLTP's gradients are dense; use Adam or AdamW"
-        )
-
-
-def _check_model(model: nn.Module, mode: Mode) -> None:
-    """Refuse what cannot work, before the first step does."""
-    plain = unwrap_model(model)
-    for name, module in plain.named_modules():
-        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse:
-            raise ValueError(
-                f"{name or 'the model'} is an embedding with sparse=True; MLTP combines dense gradients, "
-                "build it with sparse=False"
-            )
-    if mode.first_order:
-        return
-    compiled = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(getattr(module, "_orig_mod", None), nn.Module)
-    ]
-    if compiled:
-        raise ValueError(
-            f"mode {mode.describe()} differentiates the model twice, which a torch.compile'd model "
-            f"({compiled[0] or 'the model'}) does not support; use mode='fo' with a compiled model, "
-            "or pass the uncompiled model"
-        )
-
-
-def _check_selected_dtypes(layers) -> None:
-    for layer in layers:
-        for name, param in zip(layer.param_names, layer.params):
-            if param.is_complex() or not param.is_floating_point():
-                raise TypeError(
-                    f"{name} is {param.dtype}: MLTP's step sizes are real and shift floating-point "
-                    "tensors only; leave this layer out of the selection (Mode(layers=...))"
-                )
-
-
-def _probe_alpha_step(base: torch.optim.Optimizer, alphas: list[Tensor]) -> None:
-    """Run one base step on the alphas alone (zero gradients, lr 0) and undo it, so that an
-    optimizer that cannot update a step-size tensor fails here rather than mid-training."""
-    group = base.param_groups[-1]
-    others = [p for g in base.param_groups[:-1] for p in g["params"]]
-    saved_grads = [p.grad for p in others]
-    saved_values = [a.detach().clone() for a in alphas]
-    saved_lr = group["lr"]
-    try:
-        for p in others:
-            p.grad = None
-        for a in alphas:
-            a.grad = torch.zeros_like(a)
-        group["lr"] = torch.zeros_like(saved_lr) if isinstance(saved_lr, Tensor) else 0.0
-        base.step()
-    except Exception as err:
-        base.param_groups.pop()
-        raise TypeError(
-            f"{type(base).__name__} cannot update MLTP's step sizes (alpha tensors shaped like "
-            f"{tuple(alphas[0].shape)}): its step failed with {type(err).__name__}: {err}. Use an optimizer "
-            "that takes any tensor (SGD, Adam, AdamW, ...), or learn_alpha=False"
-        ) from err
-    finally:
-        group["lr"] = saved_lr
-        for p, grad in zip(others, saved_grads):
-            p.grad = grad
-        with torch.no_grad():
-            for a, value in zip(alphas, saved_values):
-                a.grad = None
-                a.copy_(value)
-                base.state.pop(a, None)
-
-
-def _parse_alpha_init(alpha_init: Any) -> tuple[float, float]:
-    """``(mean, std)`` of the initial alphas; a negative mean is refused: a negative step size flips
-    the sign of eq. 5's alignment term, so MLTP would reward disagreement between the tasks."""
-    if isinstance(alpha_init, (tuple, list)):
-        if len(alpha_init) != 2:
-            raise ValueError(f"alpha_init as a sequence must be (mean, std), got {alpha_init!r}")
-        mean, std = alpha_init
-        _check_real("alpha_init mean", mean, positive=False)
-        _check_real("alpha_init std", std, positive=False)
-        return float(mean), float(std)
-    _check_real("alpha_init", alpha_init, positive=False)
-    return float(alpha_init), 0.0
-
-
-def _check_real(name: str, value: Any, positive: bool, allow_negative: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if positive and value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    if not allow_negative and value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
-def _base_lr(optimizer: torch.optim.Optimizer) -> Any:
-    lr = optimizer.defaults.get("lr", optimizer.param_groups[0].get("lr"))
-    if lr is None:
-        raise ValueError(
-            f"{type(optimizer).__name__} has no 'lr' setting: pass alpha_lr for the alphas' group"
-        )
-    return lr

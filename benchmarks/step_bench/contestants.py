@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torch_mltp import MLTPOptimizer, model_layers, task_closures
+from torch_mltp import MLTPOptimizer, task_closures
+from torch_mltp.selection import model_layers
 
 from .workloads import ALPHA_INIT, ETA, LR
 

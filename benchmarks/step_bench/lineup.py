@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torch_mltp import PAPER_MODES, MLTPOptimizer, model_layers, select_layers, task_closures
+from torch_mltp import PAPER_MODES, MLTPOptimizer, select_layers, task_closures
+from torch_mltp.selection import model_layers
 
 from .contestants import CONTESTANTS, PEER_OBJECTIVES, PEERS, cross_entropy_of
 from .report import one_line

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 import torch_mltp
 from torch_mltp import MLTPOptimizer, task_closures
-from torch_mltp.checkpoint import ALPHA_GROUP_KEY
+from torch_mltp.constants import ALPHA_GROUP_KEY, TASK_SCOPES
 from torch_mltp.data import DataSplits, load_dataset
 from torch_mltp.models import build_model
 
@@ -61,7 +61,6 @@ __all__ = [
     "training_subset",
 ]
 
-TASK_SCOPES = ("local", "global")
 DEFAULT_COSINE_EVERY = 4
 """Measure the gradient cosine before every 4th step: a measurement costs about one step of standard
 training, so this adds about a quarter of standard training's time and less to MLTP's."""
