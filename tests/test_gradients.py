@@ -62,9 +62,19 @@ def mltp_step_gradients(model, task_i, task_j, **kwargs):
     return opt, J, step_sizes
 
 
-def assert_matches_reference(model, task_i, task_j, mode, eta, alpha_per="layer", first_order=None):
+def assert_matches_reference(
+    model, task_i, task_j, mode, eta, alpha_per="layer", first_order=None, foreach=None
+):
+    """One step of either path (``foreach``) against the float64 double-backward reference."""
     opt, J, alpha_copies = mltp_step_gradients(
-        model, task_i, task_j, eta=eta, alpha_init=(0.05, 0.05), mode=mode, alpha_per=alpha_per
+        model,
+        task_i,
+        task_j,
+        eta=eta,
+        alpha_init=(0.05, 0.05),
+        mode=mode,
+        alpha_per=alpha_per,
+        foreach=foreach,
     )
     step_sizes = alphas_by_parameter(model, alpha_copies, alpha_per)
     first_order = opt.first_order if first_order is None else first_order
@@ -86,6 +96,7 @@ def assert_matches_reference(model, task_i, task_j, mode, eta, alpha_per="layer"
 mlp_widths = st.lists(st.integers(2, 6), min_size=2, max_size=5)
 etas = st.floats(0.0, 2.0)
 seeds = st.integers(0, 2**16)
+paths = st.sampled_from([None, False])  # the fused multi-tensor path where it applies, the single-tensor one
 
 
 @given(
@@ -94,12 +105,13 @@ seeds = st.integers(0, 2**16)
     eta=etas,
     batch=st.integers(1, 6),
     activation=st.sampled_from(list(ACTIVATIONS)),
+    foreach=paths,
 )
 @pytest.mark.parametrize("mode", ["full", "fo", "fc"])
-def test_mlp_gradients_match_double_backward(mode, seed, widths, eta, batch, activation):
+def test_mlp_gradients_match_double_backward(mode, seed, widths, eta, batch, activation, foreach):
     model = make_mlp(seed, widths, activation)
     task_i, task_j = make_tasks(seed, (widths[0],), widths[-1], batch)
-    assert_matches_reference(model, task_i, task_j, mode, eta)
+    assert_matches_reference(model, task_i, task_j, mode, eta, foreach=foreach)
 
 
 @pytest.mark.parametrize("mode", ["full", "fo"])
@@ -114,12 +126,19 @@ def test_large_tensors_one_by_one_give_the_same_gradients(monkeypatch, mode, alp
     assert_matches_reference(model, task_i, task_j, mode, 0.7, alpha_per=alpha_per)
 
 
-@given(seed=seeds, channels=st.integers(1, 3), eta=etas, batch=st.integers(1, 4), batchnorm=st.booleans())
+@given(
+    seed=seeds,
+    channels=st.integers(1, 3),
+    eta=etas,
+    batch=st.integers(1, 4),
+    batchnorm=st.booleans(),
+    foreach=paths,
+)
 @pytest.mark.parametrize("mode", ["full", "conv", "fc", "fo"])
-def test_cnn_gradients_match_double_backward(mode, seed, channels, eta, batch, batchnorm):
+def test_cnn_gradients_match_double_backward(mode, seed, channels, eta, batch, batchnorm, foreach):
     model = make_cnn(seed, channels, classes=3, batchnorm=batchnorm)
     task_i, task_j = make_tasks(seed, (2, 6, 6), 3, batch)
-    opt, _ = assert_matches_reference(model, task_i, task_j, mode, eta)
+    opt, _ = assert_matches_reference(model, task_i, task_j, mode, eta, foreach=foreach)
     conv_layers = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     linear_layers = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     expected_layers = {"conv": conv_layers, "fc": linear_layers}.get(mode)
@@ -128,7 +147,11 @@ def test_cnn_gradients_match_double_backward(mode, seed, channels, eta, batch, b
 
 
 @given(
-    seed=seeds, eta=etas, first_order=st.booleans(), alpha_per=st.sampled_from(["layer", "tensor", "element"])
+    seed=seeds,
+    eta=etas,
+    first_order=st.booleans(),
+    alpha_per=st.sampled_from(["layer", "tensor", "element"]),
+    foreach=paths,
 )
 @pytest.mark.parametrize(
     "layers",
@@ -140,20 +163,20 @@ def test_cnn_gradients_match_double_backward(mode, seed, channels, eta, batch, b
     ],
     ids=["name", "names", "type", "predicate"],
 )
-def test_custom_selection_gradients(layers, seed, eta, first_order, alpha_per):
+def test_custom_selection_gradients(layers, seed, eta, first_order, alpha_per, foreach):
     model = make_cnn(seed, 2, classes=3)
     task_i, task_j = make_tasks(seed, (2, 6, 6), 3, 3)
-    assert_matches_reference(
-        model, task_i, task_j, Mode(layers=layers, first_order=first_order), eta, alpha_per
-    )
+    mode = Mode(layers=layers, first_order=first_order)
+    assert_matches_reference(model, task_i, task_j, mode, eta, alpha_per, foreach=foreach)
 
 
+@pytest.mark.parametrize("foreach", [None, False])
 @pytest.mark.parametrize("alpha_per", ["tensor", "element"])
 @pytest.mark.parametrize("mode", ["full", "fo"])
-def test_alpha_granularity_shapes_and_gradients(mode, alpha_per):
+def test_alpha_granularity_shapes_and_gradients(mode, alpha_per, foreach):
     model = make_mlp(3, [4, 5, 3])
     task_i, task_j = make_tasks(3, (4,), 3, 5)
-    opt, _ = assert_matches_reference(model, task_i, task_j, mode, 0.7, alpha_per)
+    opt, _ = assert_matches_reference(model, task_i, task_j, mode, 0.7, alpha_per, foreach=foreach)
     params = trainable(model)
     assert list(opt.alphas) == list(params)
     for name, alpha in opt.alphas.items():

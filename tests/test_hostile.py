@@ -15,7 +15,7 @@ from mltp_reference import alphas_by_parameter, gradients, trainable
 from torch import nn
 from torch.nn.utils import parametrizations
 
-from torch_mltp import MLTPOptimizer, task_closures
+from torch_mltp import MLTPOptimizer, Mode, task_closures
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from step_bench.opcount import SYNC, data_ops
@@ -335,10 +335,24 @@ def test_base_optimizers_that_cannot_work_are_refused(make, message):
 
 
 def test_muon_works_with_fixed_alphas():
-    model = nn.Sequential(nn.Linear(5, 8, bias=False), nn.Tanh(), nn.Linear(8, 3, bias=False))
-    opt = MLTPOptimizer(torch.optim.Muon(model.parameters(), lr=0.01), model, mode="fo", learn_alpha=False)
+    """Muon (2-D weights only) cannot learn the alphas, but steps on MLTP's gradients: the weights
+    equal a plain Muon step on the float64 reference's dJ/dw."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8, bias=False), nn.Tanh(), nn.Linear(8, 3, bias=False)).double()
+    twin = copy.deepcopy(model)
+    opt = MLTPOptimizer(
+        torch.optim.Muon(model.parameters(), lr=0.01), model, mode="fo", alpha_init=0.1, learn_alpha=False
+    )
     x, y = batch()
-    opt.step(*closures(model, x.float(), y))
+    leaves = {n: a.detach().clone().requires_grad_() for n, a in opt.alphas.items()}
+    step_sizes = alphas_by_parameter(twin, leaves, "layer")
+    _, expected, _ = gradients(twin, F.cross_entropy, (x[:4], y[:4]), (x[4:], y[4:]), step_sizes, 1.0, True)
+    for name, param in twin.named_parameters():
+        param.grad = expected[name]
+    torch.optim.Muon(twin.parameters(), lr=0.01).step()
+    opt.step(*closures(model, x, y))
+    for (name, param), reference in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(param, reference, rtol=1e-12, atol=1e-12, msg=name)
 
 
 def test_sparse_embeddings_are_refused():
@@ -396,11 +410,9 @@ def test_attention_in_full_mode_names_fo_and_the_math_backend():
     opt = MLTPOptimizer(torch.optim.Adam(model.parameters()), model, mode="full")
     x, y = torch.randn(6, 4, 8), torch.randint(0, 3, (6,))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    try:
+    with pytest.raises(RuntimeError, match=r"mode='fo'.*SDPBackend\.MATH"):  # the fused CPU kernel
         opt.step(*task_closures(lambda a, b: F.cross_entropy(model(a), b), x, y))
-    except RuntimeError as err:  # the fused CPU kernel is not twice differentiable
-        assert "mode='fo'" in str(err) and "SDPBackend.MATH" in str(err)
-        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel(SDPBackend.MATH):
@@ -538,3 +550,166 @@ def test_fo_extra_operations_do_not_grow_with_the_number_of_layers():
         syncs[depth] = mltp.pop(SYNC) - halves.pop(SYNC)
         extra[depth] = sum((mltp - halves).values())
     assert extra[2] == extra[16] <= 40 and syncs == {2: 1, 16: 1}, (extra, syncs)
+
+
+# -- tasks that use different parameters ----------------------------------------------------------------
+
+
+class TwoHeads(nn.Module):
+    """One body, two heads: a task of 4 features takes head ``a``, a task of 5 features head ``b``
+    (as a multi-task model or a mixture of experts routes its inputs)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.body = nn.Linear(4, 6)
+        self.a = nn.Linear(6, 3)
+        self.b = nn.Linear(6, 3)
+
+    def forward(self, x):
+        hidden = torch.tanh(self.body(x[:, :4]))
+        return self.a(hidden) if x.shape[1] == 4 else self.b(hidden)
+
+
+@pytest.mark.parametrize("foreach", [None, False])
+@pytest.mark.parametrize("mode", ["full", "fc", "fo", Mode(layers="b"), Mode(layers=["body", "a"])])
+def test_task_j_using_a_parameter_that_task_i_does_not_use(mode, foreach):
+    """dJ/dw equals autograd's (allow_unused) in every mode: head b has no Hessian row in L_i."""
+    model = TwoHeads().double()
+    gen = torch.Generator().manual_seed(4)
+    task_i = (torch.randn(6, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (6,), generator=gen))
+    task_j = (torch.randn(6, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (6,), generator=gen))
+    opt = MLTPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0), model, alpha_init=(0.2, 0.05), mode=mode, foreach=foreach
+    )
+    leaves = {n: a.detach().clone().requires_grad_() for n, a in opt.alphas.items()}
+    J, expected, alpha_expected = gradients(
+        model,
+        F.cross_entropy,
+        task_i,
+        task_j,
+        alphas_by_parameter(model, leaves, "layer"),
+        1.0,
+        opt.first_order,
+    )
+    got = opt.step(
+        lambda: F.cross_entropy(model(task_i[0]), task_i[1]),
+        lambda: F.cross_entropy(model(task_j[0]), task_j[1]),
+    )
+    torch.testing.assert_close(got, J, rtol=1e-12, atol=1e-12)
+    for name, param in trainable(model).items():
+        torch.testing.assert_close(param.grad, expected[name], rtol=1e-10, atol=1e-12, msg=name)
+    for name, alpha in opt.alphas.items():  # autograd's None: an alpha that scales a zero g_i
+        expected_alpha = alpha_expected[id(leaves[name])]
+        expected_alpha = torch.zeros_like(alpha) if expected_alpha is None else expected_alpha
+        torch.testing.assert_close(alpha.grad, expected_alpha, rtol=1e-10, atol=1e-12, msg=name)
+
+
+# -- skipped steps ----------------------------------------------------------------------------------------
+
+
+def test_a_skipped_first_step_of_fused_sgd_with_momentum_leaves_the_next_steps_as_a_clean_run():
+    """A fused kernel told to skip would leave the momentum buffers it creates unwritten: a step that
+    creates the base state is decided on the host."""
+    model = mlp().float()
+    opt = MLTPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True),
+        model,
+        mode="fo",
+        nonfinite="skip",
+    )
+    clean_model, clean_opt = copy.deepcopy((model, opt))
+    x, y = batch()
+    x = x.float()
+    opt.zero_grad()
+    opt.step(lambda: nan_loss(model, x[:4], y[:4]), lambda: F.cross_entropy(model(x[4:]), y[4:]))
+    assert opt.skipped_steps == 1
+    for m, o in ((model, opt), (clean_model, clean_opt)):
+        for seed in range(3):
+            xs, ys = batch(seed + 1)
+            o.zero_grad()
+            o.step(*closures(m, xs.float(), ys))
+    assert same(values(model, opt), values(clean_model, clean_opt))
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_step_hooks_do_not_run_on_a_skipped_step(split):
+    """As a GradScaler skip, which never calls step(): neither the pre- nor the post-hooks run."""
+    model = mlp()
+    opt = MLTPOptimizer(torch.optim.Adam(model.parameters()), model, mode="fo", nonfinite="skip")
+    calls = []
+    opt.register_step_pre_hook(lambda *_: calls.append("pre"))
+    opt.register_step_post_hook(lambda *_: calls.append("post"))
+    x, y = batch()
+    bad = (lambda: nan_loss(model, x[:4], y[:4]), lambda: F.cross_entropy(model(x[4:]), y[4:]))
+    if split:
+        opt.backward(*bad)
+        opt.step()
+    else:
+        opt.step(*bad)
+    assert opt.skipped_steps == 1 and calls == []
+    opt.zero_grad()
+    opt.step(*closures(model, x, y))
+    assert calls == ["pre", "post"]
+
+
+# -- param groups, learning rates and checkpoints --------------------------------------------------------
+
+
+@pytest.mark.parametrize("through", ["wrapper", "base"])
+def test_a_group_added_after_wrapping_goes_before_the_alphas_and_checkpoints_still_load(through):
+    def build():
+        model = mlp()
+        opt = MLTPOptimizer(torch.optim.Adam(model.parameters(), lr=0.1), model, mode="fo")
+        extra = nn.Parameter(torch.ones(3, dtype=torch.float64))
+        (opt if through == "wrapper" else opt.base_optimizer).add_param_group({"params": [extra], "lr": 0.05})
+        return model, opt, extra
+
+    model, opt, extra = build()
+    x, y = batch()
+    opt.step(lambda: F.cross_entropy(model(x[:4]), y[:4]) + extra.sum(), closures(model, x, y)[1])
+    state = opt.state_dict()
+    assert [g.get("mltp_alpha", False) for g in opt.param_groups] == [False, False, True]
+    _, opt2, _ = build()
+    opt2.load_state_dict(state)
+    assert [g["lr"] for g in opt2.param_groups] == [0.1, 0.05, 0.1] and opt2.param_groups[-1]["mltp_alpha"]
+    lambdas = torch.optim.lr_scheduler.LambdaLR(opt2, [lambda _: 1.0, lambda _: 1.0, lambda _: 0.5])
+    assert lambdas.get_last_lr() == [0.1, 0.05, 0.05]
+
+
+def test_a_tensor_lr_is_not_shared_with_the_alphas_group():
+    model = mlp()
+    opt = MLTPOptimizer(torch.optim.Adam(model.parameters(), lr=torch.tensor(0.01)), model, mode="fo")
+    torch.optim.lr_scheduler.LambdaLR(opt, [lambda _: 1.0, lambda _: 0.1])
+    lrs = [float(g["lr"]) for g in opt.param_groups]
+    assert lrs == pytest.approx([0.01, 0.001])
+
+
+def test_state_dict_hooks_registered_on_the_wrapper_run():
+    model = mlp()
+    opt = MLTPOptimizer(torch.optim.Adam(model.parameters()), model, mode="fo")
+    calls = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append(("pre", o is opt)))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "extra": 1})
+    opt.register_load_state_dict_pre_hook(lambda o, sd: calls.append(("load pre", "extra" in sd)))
+    opt.register_load_state_dict_post_hook(lambda o: calls.append(("load post", o is opt)))
+    state = opt.state_dict()
+    assert state["extra"] == 1 and "mltp" in state
+    opt.load_state_dict({k: v for k, v in state.items() if k != "extra"} | {"extra": 1})
+    assert calls == [("pre", True), ("load pre", True), ("load post", True)]
+
+
+def test_checkpoints_of_different_predicate_selections_are_told_apart_by_their_layers():
+    """Two lambdas describe alike; what they select (the layer names) is compared."""
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    first = Mode(layers=lambda name, module: name == "0")
+    last = Mode(layers=lambda name, module: name == "2")
+    assert first.describe() == last.describe()
+    state = MLTPOptimizer(torch.optim.Adam(model.parameters()), model, mode=first).state_dict()
+    assert state["mltp"]["layers"] == ["0"]
+    other = MLTPOptimizer(torch.optim.Adam(model.parameters()), model, mode=last)
+    with pytest.raises(ValueError, match=r"layers \['0'\]\), this optimizer has .*layers \['2'\]"):
+        other.load_state_dict(state)
+    legacy = copy.deepcopy(state)
+    del legacy["mltp"]["layers"], legacy["mltp"]["first_order"]  # as saved before the layers were recorded
+    MLTPOptimizer(torch.optim.Adam(model.parameters()), model, mode=first).load_state_dict(legacy)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -173,10 +174,13 @@ def test_a_clipping_pre_hook_on_the_wrapper_sees_the_mltp_gradients(one_call):
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
 
 
-def test_gradient_accumulation_over_micro_batches_equals_the_mean_objective():
+@pytest.mark.parametrize("foreach", [None, False])
+def test_gradient_accumulation_over_micro_batches_equals_the_mean_objective(foreach):
     """backward(..., weight=1/2) on two micro-batches gives the gradient of their objectives' mean."""
     model = mlp()
-    opt = MLTPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, mode="full", alpha_init=0.05)
+    opt = MLTPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0), model, mode="full", alpha_init=0.05, foreach=foreach
+    )
     micro = batches(2)
     expected = [reference_gradients(model, opt, x, y) for x, y in micro]
     for x, y in micro:
@@ -185,6 +189,83 @@ def test_gradient_accumulation_over_micro_batches_equals_the_mean_objective():
     for name, param in trainable(model).items():
         mean = (expected[0][0][name] + expected[1][0][name]) / 2
         torch.testing.assert_close(param.grad, mean, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("foreach", [None, False])
+def test_weight_and_eta_keep_the_gradients_dtype(foreach):
+    """In float64, ten backward passes with weight=0.1 equal one with weight=1, and a GradScaler run
+    with eta=0.3 equals the unscaled one, to float64's rounding (no float32 scalar on the way)."""
+    model = mlp()
+    opt = MLTPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, mode="full", foreach=foreach)
+    x, y = batches(1)[0]
+    for _ in range(10):
+        opt.backward(*closures(model, x, y), weight=0.1)
+    tenths = [p.grad.clone() for p in model.parameters()] + [a.grad.clone() for a in opt.alphas.values()]
+    opt.zero_grad()
+    opt.backward(*closures(model, x, y))
+    whole = [p.grad for p in model.parameters()] + [a.grad for a in opt.alphas.values()]
+    for got, expected in zip(tenths, whole):
+        torch.testing.assert_close(got, expected, rtol=1e-14, atol=1e-16)
+    runs = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**12)):
+        model = mlp()
+        torch.manual_seed(1)
+        opt = MLTPOptimizer(
+            torch.optim.Adam(model.parameters(), lr=1e-2),
+            model,
+            eta=0.3,
+            alpha_init=(0.05, 0.02),
+            foreach=foreach,
+        )
+        scaler_loop(model, opt, batches(5), scaler)
+        runs.append(weights_and_alphas(model, opt))
+    for key in runs[0]:
+        torch.testing.assert_close(runs[1][key], runs[0][key], rtol=1e-13, atol=1e-15, msg=key)
+
+
+def test_a_plain_backward_before_step_warns_once():
+    """``loss.backward(); opt.step()`` trains as the base optimizer alone: a UserWarning names the fix."""
+    model = mlp()
+    opt = MLTPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, mode="fo")
+    x, y = batches(1)[0]
+    alphas = {n: a.clone() for n, a in opt.alphas.items()}
+    with pytest.warns(UserWarning, match=r"opt\.backward\(closure_i, closure_j\)"):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert all(torch.equal(a, alphas[n]) for n, a in opt.alphas.items())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()  # once only
+        for one_call in (True, False):  # the MLTP loop never warns
+            opt.zero_grad()
+            if one_call:
+                opt.step(*closures(model, x, y))
+            else:
+                opt.backward(*closures(model, x, y))
+                opt.step()
+
+
+def test_model_zero_grad_does_not_let_the_alphas_gradients_pile_up():
+    """``model.zero_grad()`` clears the weights' gradients only; the next backward clears the alphas'
+    too (with a warning), so each step's dJ/dalpha is that step's alone."""
+    x, y = batches(1)[0]
+    grads = []
+    for clear in ("model", "opt"):
+        model = mlp()
+        opt = MLTPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, mode="fo", alpha_init=0.05)
+        for step in range(3):
+            (model if clear == "model" else opt).zero_grad()
+            if clear == "model" and step == 1:
+                with pytest.warns(UserWarning, match=r"model\.zero_grad\(\).*opt\.zero_grad\(\)"):
+                    opt.backward(*closures(model, x, y))
+            else:
+                opt.backward(*closures(model, x, y))
+            opt.step()
+        grads.append({n: a.grad.clone() for n, a in opt.alphas.items()})
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
 
 
 # -- non-finite values in the split form ----------------------------------------------------------------
@@ -252,11 +333,16 @@ def scaler_loop(model, opt, data, scaler, max_norm=1.0):
             scaler.update()
 
 
+@pytest.mark.parametrize("foreach", [None, False])
 @pytest.mark.parametrize("mode", ["fo", "full"])
-def test_gradscaler_leaves_scaled_gradients_of_the_reference(mode):
+def test_gradscaler_leaves_scaled_gradients_of_the_reference(mode, foreach):
     model = mlp(batchnorm=False)
     opt = MLTPOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.0), model, mode=mode, alpha_init=(0.05, 0.02)
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        model,
+        mode=mode,
+        alpha_init=(0.05, 0.02),
+        foreach=foreach,
     )
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     x, y = batches(1)[0]

@@ -117,12 +117,13 @@ def multi_tensor_mltp(
             # -eta * H_i[:, S] (alpha * h_j,S), accumulated into those buffers; the vectors take h_j's
             # storage, and a tensor that task i does not use has no Hessian row
             present = [n for n, k in enumerate(shifted) if grads_j[k] is not None and grads_i[k] is not None]
-            vectors = [grads_j[shifted[n]] for n in present]
-            _scale_by(vectors, [step_alphas[n] for n in present])
-            torch._foreach_mul_(vectors, scale)
-            outputs = [grads_i[shifted[n]] for n in present]
-            del grads_i, grads_j  # the product frees each vector when it is used
-            param_grads = _accumulate_hessian_term(outputs, vectors, params, param_grads)
+            if present:
+                vectors = [grads_j[shifted[n]] for n in present]
+                _scale_by(vectors, [step_alphas[n] for n in present])
+                torch._foreach_mul_(vectors, scale)
+                outputs = [grads_i[shifted[n]] for n in present]
+                del grads_i, grads_j  # the product frees each vector when it is used
+                param_grads = _accumulate_hessian_term(outputs, vectors, params, param_grads)
             if average is not None:  # the shared terms are equal everywhere: average the sum
                 param_grads = average(param_grads, params)
         objective = torch.add(loss_i, loss_j, alpha=eta)  # eq. (4), detached under no_grad
@@ -335,7 +336,8 @@ def _alpha_gradients(
     workspace: Optional[Workspace],
 ) -> list[Optional[Tensor]]:
     """``dJ/dalpha = -eta * <h_j, g_i>`` over the entries each alpha scales (``scale`` is ``-eta``,
-    divided by the loss scale when the gradients are scaled).
+    divided by the loss scale when the gradients are scaled); ``None`` for an alpha that scales no
+    tensor of this step.
 
     Scalar alphas whose tensors come in alpha order (as :class:`~torch_mltp.MLTPOptimizer` lays them
     out) take one segmented sum over the concatenated products, a fixed number of operations however

@@ -72,13 +72,12 @@ def single_tensor_mltp(
     loss_i, g_i = loss_i.detach(), [None if g is None else g.detach() for g in g_graph]
     if average is not None:  # task i is the union of every process's task i
         loss_i, *g_i = average([loss_i, *g_i], [loss_i, *params])
-    g_i = [_or_zeros(g_i[k], params[k]) if k in set(shifted) else g_i[k] for k in range(len(params))]
     # line 4: w'_S = w_S - alpha * g_i,S (g_i unscaled); guarded: w' = w unless g_i,S is finite
-    step_sizes = [alphas[a].detach() / s for a in alpha_of]
+    g_shift, step_sizes = [_or_zeros(g_i[k], params[k]) for k in shifted], [alphas[a] / s for a in alpha_of]
     with torch.no_grad():
-        w_shifted = [params[k] - alpha * g_i[k] for k, alpha in zip(shifted, step_sizes)]
+        w_shifted = [params[k] - alpha * g for k, alpha, g in zip(shifted, step_sizes, g_shift)]
         if guard_lookahead or loss_scale is not None:
-            finite = torch.stack([torch.isfinite(g_i[k]).all() for k in shifted]).all()
+            finite = torch.stack([torch.isfinite(g).all() for g in g_shift]).all()
             w_shifted = [torch.where(finite, w, params[k]) for k, w in zip(shifted, w_shifted)]
     # line 5: L_j(w') and h_j = dL_j/dw at w'
     with torch.enable_grad(), swapped_storage([params[k] for k in shifted], w_shifted):
@@ -91,8 +90,8 @@ def single_tensor_mltp(
     objective = loss_i + eta * loss_j
     # dJ/dalpha = -eta * <h_j, g_i> over the entries each alpha scales
     alpha_result: Optional[list] = [None] * len(alphas) if alpha_grads else None
-    for k, a in zip(shifted, alpha_of) if alpha_grads else ():
-        product = _or_zeros(h_j[k], params[k]) * g_i[k] * (-eta / s)
+    for k, a, g in zip(shifted, alpha_of, g_shift) if alpha_grads else ():
+        product = _or_zeros(h_j[k], params[k]) * g * (-eta / s)
         product = product.sum() if alphas[a].dim() == 0 else product
         alpha_result[a] = product if alpha_result[a] is None else alpha_result[a] + product
     # dJ/dw = g_i + eta * h_j (first order, dw'/dw = I) ...
