@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import json
-import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from spawn import REPO, repo_env
 
-from torch_mltp.experiments.cli import main
+from torch_mltp.experiments.cli import (
+    COMPARE_OUT,
+    MAIN_JOB_DURATION,
+    TRAIN_OUT,
+    build_parser,
+    default_out,
+    main,
+)
+from torch_mltp.experiments.distributed import Processes
 from torch_mltp.experiments.stats import paired_difference
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny(data_root: Path, *extra: str) -> list:
@@ -151,11 +158,10 @@ def test_unknown_names_list_the_choices(argv, listed, capsys):
 
 
 def test_missing_cifar_is_one_line_without_traceback(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     process = subprocess.run(
         [sys.executable, "-m", "torch_mltp.experiments", "train", "--dataset", "cifar10",
          "--data-root", str(tmp_path / "nothing"), "--out", str(tmp_path / "run"), "--no-progress"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+        capture_output=True, text=True, env=repo_env(), cwd=tmp_path, timeout=120,
     )  # fmt: skip
     assert process.returncode == 2
     assert "Traceback" not in process.stderr
@@ -243,3 +249,141 @@ def test_reproduce_dry_run_prints_the_plan(capsys):
     assert main(["reproduce", "table2", "--dry-run", "--timing-steps", "0", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "Table II" in out and "= 51 runs of 150 epochs, 391 steps per epoch" in out
+
+
+def test_commands_in_the_readme_order_get_their_own_default_folders(data_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    compare_argv = ["compare", "--procedures", "standard", "mltp", "--seeds", "0", "--epochs", "2"]
+    assert main([*compare_argv, *tiny(data_root)]) == 0
+    assert main(["train", "--epochs", "1", *tiny(data_root)]) == 0  # compare's mltp-seed0 has 2 epochs
+    limits = ",limit-train-batches=3,limit-test-batches=2"
+    assert {path.relative_to(tmp_path).as_posix() for path in tmp_path.glob("runs/*/*/*-seed0")} == {
+        f"runs/compare/mnist1d-mnist1d_cnn,epochs=2{limits}/standard-seed0",
+        f"runs/compare/mnist1d-mnist1d_cnn,epochs=2{limits}/mltp-seed0",
+        f"runs/train/mnist1d-mnist1d_cnn,epochs=1{limits}/mltp-seed0",
+    }
+    # the README's torchrun command after these two: a folder of its own (tests/test_torchrun.py runs it)
+    args = build_parser().parse_args(["train", "--procedure", "mltp", "--device", "cpu"])
+    assert default_out(args, Processes()) == Path("runs/train/mnist1d-mnist1d_cnn/mltp-seed0")
+    assert default_out(args, Processes(rank=1, world_size=2)) == Path(
+        "runs/train/mnist1d-mnist1d_cnn,processes=2,tasks=local/mltp-seed0"
+    )
+    args = build_parser().parse_args(["compare", "--milestones", "--lr", "0.003", "--alpha-policy", "fixed"])
+    assert default_out(args, Processes()) == Path(
+        "runs/compare/mnist1d-mnist1d_cnn,lr=0.003,alpha-policy=fixed,milestones=none"
+    )
+    for command, folder in [("train", TRAIN_OUT), ("compare", COMPARE_OUT)]:
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert folder in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_refusal_never_offers_to_delete_another_commands_run(data_root, tmp_path, capsys):
+    root = tmp_path / "cmp"
+    argv = ["compare", "--procedures", "mltp", "--seeds", "0", "--epochs", "2", "--out", str(root)]
+    assert main([*argv, *tiny(data_root)]) == 0
+    capsys.readouterr()
+    run = root / "mltp-seed0"
+    assert main(["train", "--epochs", "1", "--out", str(run), *tiny(data_root)]) == 2
+    assert capsys.readouterr().err == (
+        f"torch-mltp: error: {run} already trained for 2 epochs, more than the 1 asked for; "
+        "it holds a result of torch-mltp compare: choose another --out to keep it\n"
+    )
+    assert main(["train", "--epochs", "2", "--lr", "0.003", "--out", str(run), *tiny(data_root)]) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "torch-mltp compare: choose another --out" in err
+    assert main(["train", "--out", str(root), *tiny(data_root)]) == 2  # compare's table and figures
+    err = capsys.readouterr().err
+    assert err.endswith("is not a run folder (no config.json); choose another --out\n")
+    assert "--overwrite" not in err
+
+
+TOO_SMALL_FOR_MLTP = (
+    "argument --batch-size: MLTP splits each batch into two tasks of at least 2 samples: "
+    "expected 4 or more, got {}"
+)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--lr", "-0.1"], "argument --lr: expected a positive number, got -0.1"),
+        (["compare", "--weight-decay", "-1"], "argument --weight-decay: expected a number >= 0, got -1"),
+        (["train", "--lr", "fast"], "argument --lr: expected a positive number, got 'fast'"),
+        (["train", "--alpha-lr", "inf"], "argument --alpha-lr: expected a positive number, got inf"),
+        (["train", "--eta", "nan"], "argument --eta: expected a number >= 0, got nan"),
+        (["train", "--alpha-mean", "-0.01"], "argument --alpha-mean: expected a number >= 0, got -0.01"),
+        (["train", "--alpha-std", "-1"], "argument --alpha-std: expected a number >= 0, got -1"),
+        (["compare", "--lr-decay", "0"], "argument --lr-decay: expected a positive number, got 0"),
+        (
+            ["train", "--momentum", "1"],
+            "argument --momentum: expected a momentum from 0 up to (not including) 1, got 1",
+        ),
+        (["train", "--milestones", "10", "-5"], "argument --milestones: expected a positive integer, got -5"),
+        (["train", "--epochs", "0"], "argument --epochs: expected a positive integer, got 0"),
+        (["train", "--seed", "-1"], "argument --seed: expected a seed from 0 to 2**32 - 1, got -1"),
+        (
+            ["compare", "--seeds", "0", "1.5"],
+            "argument --seeds: expected a seed from 0 to 2**32 - 1, got '1.5'",
+        ),
+        (["train", "--threads", "0"], "argument --threads: expected a positive integer, got 0"),
+        (["compare", "--dist-timeout", "-3"], "argument --dist-timeout: expected a positive number, got -3"),
+        (
+            ["reproduce", "table1", "--timing-steps", "-1"],
+            "argument --timing-steps: expected an integer >= 0, got -1",
+        ),
+        (["train", "--batch-size", "3"], TOO_SMALL_FOR_MLTP.format(3)),
+        (
+            ["compare", "--procedures", "standard", "mltp_fo", "--batch-size", "2"],
+            TOO_SMALL_FOR_MLTP.format(2),
+        ),
+    ],
+)
+def test_a_bad_number_ends_the_command_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f"torch-mltp {argv[0]}: error: {message}"]
+
+
+def test_standard_training_takes_a_batch_too_small_for_mltp(data_root, tmp_path):
+    argv = ["train", "--procedure", "standard", "--batch-size", "3", "--epochs", "1", "--out", str(tmp_path)]
+    assert main([*argv, *tiny(data_root)]) == 0
+    (record,) = read_jsonl(tmp_path / "metrics.jsonl")
+    assert record["train_samples"] == 3 * 3  # 3 batches of 3
+
+
+def test_compare_reports_each_run_and_the_time_left_as_it_goes_also_into_a_pipe(data_root, tmp_path):
+    argv = [
+        "compare", "--procedures", "standard", "mltp", "--seeds", "0", "1", "--epochs", "40",
+        "--out", str(tmp_path / "cmp"), *tiny(data_root),
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "torch_mltp.experiments", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=repo_env(),
+    )
+    try:
+        lines = [process.stdout.readline() for _ in range(4)]
+        running = process.poll() is None  # the lines came while it trains, not when it ends
+    finally:
+        process.kill()
+        process.communicate(timeout=60)
+    assert running, lines
+    assert (
+        lines[0] == f"4 runs (2 procedure(s) x 2 seed(s)) of mnist1d_cnn on mnist1d into {tmp_path / 'cmp'}\n"
+    )
+    assert lines[1] == "run 1/4: standard seed 0 ...\n"
+    assert lines[2].startswith("[1/4] mnist1d mnist1d_cnn standard seed 0: test acc ")
+    assert re.search(r"\); about \d+ s left\n$", lines[2]), lines[2]  # 3 runs left, at standard's pace
+    assert lines[3] == "run 2/4: mltp seed 0 ...\n"
+
+
+def test_compare_says_how_long_it_takes_as_the_readme_does(capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    assert MAIN_JOB_DURATION in " ".join(capsys.readouterr().out.split())
+    readme = (REPO / "README.md").read_text()
+    assert f"3 seeds ({MAIN_JOB_DURATION})" in readme and "< 10 min" not in readme

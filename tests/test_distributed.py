@@ -8,7 +8,6 @@ reads its scenario from what they saved.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,17 +17,12 @@ import torch
 import torch.nn.functional as F
 from ddp_worker import MODES, SHARD, global_batch, make_model
 from mltp_reference import alphas_by_parameter, gradients
+from spawn import free_port
 
 from torch_mltp import MLTPOptimizer
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 TIMEOUT_S = 240
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

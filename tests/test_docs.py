@@ -1,4 +1,5 @@
-"""Every Python block of the README and of docs/training-loops.md runs as written."""
+"""Every Python block of the README and of docs/training-loops.md runs as written; the script of
+docs/distributed.md runs under ``torchrun --nproc_per_node=2`` on the CPU."""
 
 from __future__ import annotations
 
@@ -7,23 +8,28 @@ import runpy
 from pathlib import Path
 
 import pytest
+from spawn import torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 DOCUMENTS = ("README.md", "docs/training-loops.md")
+TORCHRUN_DOCUMENTS = ("docs/distributed.md",)
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+TIMEOUT_S = 240
 
 
-def python_blocks():
-    for document in DOCUMENTS:
-        for number, match in enumerate(BLOCK.finditer((REPO / document).read_text()), start=1):
-            yield pytest.param(match.group(1), id=f"{document}#{number}")
+def python_blocks(documents) -> list:
+    return [
+        pytest.param(match.group(1), id=f"{document}#{number}")
+        for document in documents
+        for number, match in enumerate(BLOCK.finditer((REPO / document).read_text()), start=1)
+    ]
 
 
 def test_the_documents_have_python_blocks():
-    assert len(list(python_blocks())) >= 7
+    assert len(python_blocks(DOCUMENTS)) >= 7 and len(python_blocks(TORCHRUN_DOCUMENTS)) == 1
 
 
-@pytest.mark.parametrize("code", python_blocks())
+@pytest.mark.parametrize("code", python_blocks(DOCUMENTS))
 def test_python_block_runs_as_written(code, tmp_path, monkeypatch):
     if "import lightning" in code:
         pytest.importorskip("lightning")
@@ -31,3 +37,12 @@ def test_python_block_runs_as_written(code, tmp_path, monkeypatch):
     script = tmp_path / "block.py"
     script.write_text(code)
     runpy.run_path(str(script), run_name="__main__")
+
+
+@pytest.mark.parametrize("code", python_blocks(TORCHRUN_DOCUMENTS))
+def test_script_runs_under_torchrun_on_two_cpu_processes(code, tmp_path):
+    script = tmp_path / "train_ddp.py"
+    script.write_text(code)
+    done = torchrun(str(script), cwd=tmp_path, timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [line.split(":")[0] for line in done.stdout.splitlines()] == ["epoch 0", "epoch 1"]  # rank 0 only

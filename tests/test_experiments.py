@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from torch_mltp import MLTPOptimizer
 from torch_mltp.data import DataSplits, default_model_names, load_dataset
-from torch_mltp.experiments.compare import markdown_table, summarize, write_outputs
+from torch_mltp.experiments.compare import RunClock, duration_text, markdown_table, summarize, write_outputs
 from torch_mltp.experiments.recipes import (
     DEFAULT_MODELS,
     MLTP_MODES,
@@ -27,7 +27,7 @@ from torch_mltp.experiments.recipes import (
     TABLES,
     recipe_for,
 )
-from torch_mltp.experiments.reproduce import TableRow, plan, reproduce, table_rows
+from torch_mltp.experiments.reproduce import TableRow, plan_lines, reproduce, table_rows
 from torch_mltp.experiments.training import (
     Experiment,
     ExperimentError,
@@ -499,23 +499,51 @@ def test_summary_table_and_figures(tmp_path):
     assert stored["summary"]["mltp_fo"]["test_acc"]["diff_vs_standard"]["p_sign_flip"] == 0.25
 
 
+def test_one_seed_shows_no_p_values(tmp_path):
+    accuracies = {"standard": [80.0], "mltp_fo": [81.0]}
+    cosines = {"standard": [0.2, 0.1], "mltp_fo": [0.3, 0.2]}
+    experiment = Experiment("cifar10", "cnet1", recipe_for("cifar10", "cnet1"))
+    result = summarize(experiment, list(accuracies), [0], _fake_runs(accuracies, cosines))
+    assert result["summary"]["mltp_fo"]["test_acc"]["diff_vs_standard"]["p_sign_flip"] == 1.0  # as computed
+    (row,) = [line for line in markdown_table([result]).splitlines() if line.startswith("| cnet1 | mltp_fo")]
+    assert row.startswith("| cnet1 | mltp_fo | 81.00 | +1.00 (1 seed: no interval) | — | — | 0.250 |")
+
+
+def test_run_clock_predicts_each_procedure_by_its_own_runs():
+    clock = RunClock()
+    assert clock.left(["standard"]) is None  # nothing trained yet (or every run reused)
+    clock.add("standard", 10.0)
+    clock.add("mltp", 30.0)
+    clock.add("standard", 20.0)
+    # standard at its mean of 15 s, mltp at 30 s, mltp_fo (not trained yet) at the mean of all runs, 20 s
+    assert clock.left(["standard", "mltp", "mltp_fo"]) == pytest.approx(65.0)
+    assert clock.left([]) is None
+    assert [duration_text(s) for s in (40.2, 150.0, 7200.0)] == ["40 s", "2.5 min", "2.0 h"]
+
+
 def test_reproduce_plan_counts_runs_and_steps():
     rows = table_rows("table1", {})
-    text = plan("table1", rows, [0, 1, 2], torch.device("cpu"), timing_steps=0)
+    text = "\n".join(plan_lines("table1", rows, [0, 1, 2], "nowhere", torch.device("cpu"), timing_steps=0))
     # 3 x 5 + 2 = 17 settings; ceil(50000 / 128) = 391 steps per epoch
     assert "17 (model, procedure) settings x 3 seed(s) (0, 1, 2) = 51 runs of 150 epochs, 391 steps" in text
     rows = table_rows("table3", {"epochs": 2}, limit_train_batches=5)
-    text = plan("table3", rows, [4], torch.device("cpu"), timing_steps=0)
+    text = "\n".join(plan_lines("table3", rows, [4], "nowhere", torch.device("cpu"), timing_steps=0))
     assert "4 (model, procedure) settings x 1 seed(s) (4,) = 4 runs of 2 epochs, 5 steps per epoch" in text
 
 
-def test_step_time_estimate_lists_every_setting():
-    experiment = Experiment("mnist1d", "mnist1d_cnn", recipe_for("mnist1d", "mnist1d_cnn"))
-    text = plan("table1", [TableRow(experiment, PROCEDURES)], [0], torch.device("cpu"), timing_steps=1)
-    for procedure in PROCEDURES:
-        seconds = float(text.split(f"mnist1d_cnn {procedure:<10}")[1].split()[0])
-        assert seconds > 0
-    assert "estimated total: ~" in text
+def test_step_time_estimate_times_each_model_once(one_thread):
+    recipe = recipe_for("mnist1d", "mnist1d_cnn").replace(epochs=2)
+    rows = [
+        TableRow(Experiment("mnist1d", model, recipe), PROCEDURES) for model in ("mnist1d_cnn", "mnist1d_mlp")
+    ]
+    lines = list(plan_lines("table1", rows, [0], "nowhere", torch.device("cpu"), timing_steps=1))
+    timed = [line for line in lines if line.startswith("  [")]
+    assert [line.split()[1] for line in timed] == ["mnist1d_cnn", "mnist1d_mlp"]
+    seconds = float(timed[0].split()[2])
+    assert seconds > 0
+    runs = dict(item.split(" ~") for item in timed[0].split("per run: ")[1].split(", "))
+    assert list(runs) == list(PROCEDURES)
+    assert lines[-1].startswith("estimated total: ~")
 
 
 def test_reproduce_runs_each_row_and_writes_the_combined_table(data_root, tmp_path, caplog):

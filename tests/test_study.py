@@ -100,7 +100,7 @@ def test_one_seed_one_epoch_smoke_of_the_whole_study(data_root, tmp_path, capsys
         line.startswith("== [15/15] cnn-n1000-alpha-policy-nonnegative: torch-mltp compare --dataset")
         for line in printed
     )
-    baseline_lines = [line for line in printed if line.endswith(f"({runs / 'mlp-n4000' / 'standard-seed0'})")]
+    baseline_lines = [line for line in printed if f"({runs / 'mlp-n4000' / 'standard-seed0'})" in line]
     assert len(baseline_lines) == 1 + 9  # trained once, reused by the 9 sweep comparisons; each printed once
     assert sum(": reused, test acc" in line for line in baseline_lines) == 9
 

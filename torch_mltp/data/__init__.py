@@ -8,10 +8,19 @@ See ``docs/data.md`` for the on-disk layouts.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from .common import DatasetError, DataSplits
 
-__all__ = ["DATASET_NAMES", "DataSplits", "DatasetError", "default_model_names", "load_dataset"]
+__all__ = [
+    "DATASET_NAMES",
+    "DataSplits",
+    "DatasetError",
+    "dataset_folder",
+    "dataset_present",
+    "default_model_names",
+    "load_dataset",
+]
 
 DATASET_NAMES = ("mnist1d", "cifar10", "cifar100", "tiny-imagenet")
 
@@ -52,3 +61,35 @@ def load_dataset(name: str, root: str | os.PathLike, download: bool = False) -> 
     from .cifar import load_cifar
 
     return load_cifar(name, root, download)
+
+
+def dataset_folder(name: str, root: str | os.PathLike) -> Path:
+    """The folder under ``root`` where :func:`load_dataset` looks for data set ``name`` (MNIST-1D: where it
+    caches what it generates)."""
+    _check_name(name)
+    if name == "mnist1d":
+        return Path(root) / "mnist1d"
+    if name == "tiny-imagenet":
+        from .tiny_imagenet import FOLDER
+
+        return Path(root) / FOLDER
+    from .cifar import cifar_class
+
+    return Path(root) / cifar_class(name).base_folder
+
+
+def dataset_present(name: str, root: str | os.PathLike) -> bool:
+    """Whether data set ``name``'s files are under ``root`` (by name, without reading them: a damaged file
+    is found by :func:`load_dataset`). MNIST-1D is always present: it is generated when missing."""
+    folder = dataset_folder(name, root)
+    if name == "mnist1d":
+        return True  # generated when missing
+    if name == "tiny-imagenet":
+        from .tiny_imagenet import REQUIRED
+
+        return all((folder / path).exists() for path in REQUIRED)
+    from .cifar import cifar_class
+
+    dataset_class = cifar_class(name)
+    files = [file for file, _ in dataset_class.train_list + dataset_class.test_list]
+    return all((folder / file).is_file() for file in [*files, dataset_class.meta["filename"]])

@@ -15,12 +15,17 @@ CIFAR_VARIANTS = {
 }
 
 
-def load_cifar(name: str, root: str | os.PathLike, download: bool = False) -> DataSplits:
-    """The official python version of CIFAR-10/100 under ``root`` (torchvision's layout, md5-checked)."""
+def cifar_class(name: str):
+    """torchvision's class for ``name`` (``cifar10`` or ``cifar100``)."""
     from torchvision import datasets
 
-    title, class_name, num_classes = CIFAR_VARIANTS[name]
-    dataset_class = getattr(datasets, class_name)
+    return getattr(datasets, CIFAR_VARIANTS[name][1])
+
+
+def load_cifar(name: str, root: str | os.PathLike, download: bool = False) -> DataSplits:
+    """The official python version of CIFAR-10/100 under ``root`` (torchvision's layout, md5-checked)."""
+    title, _, num_classes = CIFAR_VARIANTS[name]
+    dataset_class = cifar_class(name)
     folder = Path(root) / dataset_class.base_folder
     try:
         train = dataset_class(root, train=True, transform=cifar_transforms(train=True), download=download)

@@ -21,6 +21,8 @@ from .transforms import tiny_imagenet_transforms
 URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 FOLDER = "tiny-imagenet-200"
 LAYOUT = "wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG, val/val_annotations.txt"
+REQUIRED = ("wnids.txt", "train", "val/images", "val/val_annotations.txt")
+"""The top of the layout, which ``dataset_present`` looks for."""
 STATS_FILE = "mltp_channel_stats.json"
 
 

@@ -1,18 +1,25 @@
 """The ``torch-mltp`` command line: ``train``, ``compare`` and ``reproduce``.
 
 ``torch-mltp compare`` without arguments runs the embedded default: MNIST-1D, all five procedures,
-three seeds, on the CPU in a few minutes.
+three seeds, on the CPU (about 5 minutes on 2 CPU cores).
+
+Every command writes under ``runs/<command>/`` unless ``--out`` says otherwise, in a folder named after
+the data set, the model and every setting given on the command line (:func:`default_out`), so that
+commands that are not continuations of each other never share a default folder. Every numeric option is
+checked before anything runs: a bad value ends the command with one line and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import logging
+import math
 import os
 import sys
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, NoReturn, Optional, Sequence
 
 import torch
 
@@ -21,7 +28,7 @@ from torch_mltp.models import MODEL_NAMES
 
 from . import distributed
 from .compare import compare, run_dir_name, write_outputs
-from .recipes import ALPHA_POLICIES, DEFAULT_MODELS, DEFAULT_SEEDS, PROCEDURES, TABLES, recipe_for
+from .recipes import ALPHA_POLICIES, DEFAULT_MODELS, DEFAULT_SEEDS, MLTP_MODES, PROCEDURES, TABLES, recipe_for
 from .reproduce import reproduce, table_rows
 from .training import DEFAULT_COSINE_EVERY, TASK_SCOPES, Experiment, ExperimentError, RunOptions, train_run
 
@@ -29,32 +36,41 @@ DEFAULT_DATASET = "mnist1d"
 DATA_ROOT_ENV = "TORCH_MLTP_DATA"
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def _checked(convert: Callable[[str], Any], accept: Callable[[Any], bool], expected: str):
+    """An argparse ``type`` that converts with ``convert`` and refuses values that ``accept`` rejects,
+    saying what was ``expected`` (argparse turns it into one line and exit status 2)."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+_positive_int = _checked(int, lambda value: value >= 1, "a positive integer")
+_non_negative_int = _checked(int, lambda value: value >= 0, "an integer >= 0")
+_seed = _checked(int, lambda value: 0 <= value < 2**32, "a seed from 0 to 2**32 - 1")
+_positive_float = _checked(float, lambda value: math.isfinite(value) and value > 0, "a positive number")
+_non_negative_float = _checked(float, lambda value: math.isfinite(value) and value >= 0, "a number >= 0")
+_momentum = _checked(float, lambda value: 0 <= value < 1, "a momentum from 0 up to (not including) 1")
 
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+MIN_MLTP_BATCH = 4
+"""MLTP splits a batch into two tasks (a batch of 33 into 17 and 16): at least 2 samples each."""
 
 
 def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("recipe overrides (default: the preset of the data set and model)")
     group.add_argument("--epochs", type=_positive_int)
     group.add_argument(
-        "--batch-size", type=_positive_int, help="MLTP splits it into two tasks of half the size"
+        "--batch-size",
+        type=_positive_int,
+        help=f"MLTP splits it into two tasks of half the size (an odd batch: the first task takes the extra "
+        f"sample, 33 = 17 + 16), so with MLTP it must be at least {MIN_MLTP_BATCH}",
     )
     group.add_argument(
         "--train-samples",
@@ -65,21 +81,25 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--optimizer", choices=("adam", "sgd"))
     group.add_argument(
-        "--lr", type=float, help="initial learning rate (also the alphas' learning rate unless --alpha-lr)"
+        "--lr",
+        type=_positive_float,
+        help="initial learning rate (also the alphas' learning rate unless --alpha-lr)",
     )
     group.add_argument(
         "--milestones",
-        type=int,
+        type=_positive_int,
         nargs="*",
         metavar="EPOCH",
         help="epochs after which the learning rate is multiplied by --lr-decay",
     )
-    group.add_argument("--lr-decay", type=float)
-    group.add_argument("--momentum", type=float, help="SGD momentum")
-    group.add_argument("--weight-decay", type=float)
-    group.add_argument("--alpha-mean", type=float, help="mean of the initial alphas")
-    group.add_argument("--alpha-std", type=float, help="standard deviation of the initial alphas")
-    group.add_argument("--eta", type=float, help="weight of the task-j loss")
+    group.add_argument("--lr-decay", type=_positive_float, help="factor applied at each milestone")
+    group.add_argument("--momentum", type=_momentum, help="SGD momentum")
+    group.add_argument("--weight-decay", type=_non_negative_float)
+    group.add_argument("--alpha-mean", type=_non_negative_float, help="mean of the initial alphas")
+    group.add_argument(
+        "--alpha-std", type=_non_negative_float, help="standard deviation of the initial alphas"
+    )
+    group.add_argument("--eta", type=_non_negative_float, help="weight of the task-j loss")
     group.add_argument(
         "--alpha-policy",
         choices=ALPHA_POLICIES,
@@ -93,7 +113,9 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_run_options(parser: argparse.ArgumentParser) -> None:
+def _add_run_options(parser: argparse.ArgumentParser, out: str, processes: bool = True) -> None:
+    """The options of how and where runs execute; ``out``: the default output folder, as ``--help`` shows
+    it; ``processes``: the command runs under torchrun too (``--tasks``, ``--dist-timeout``)."""
     group = parser.add_argument_group("run options")
     group.add_argument(
         "--data-root",
@@ -113,7 +135,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help="CPU threads for torch (default: 1 for MNIST-1D, whose tiny models gain nothing from more and "
         "stall when the cores are shared; torch's default otherwise)",
     )
-    group.add_argument("--out", type=Path, help="output folder")
+    group.add_argument(
+        "--out",
+        type=Path,
+        help=f"output folder (default: {out}, where <settings> lists every recipe override and --limit-* "
+        "option given, e.g. ',epochs=1,lr=0.003', and under torchrun ',processes=N,tasks=T')",
+    )
     group.add_argument(
         "--overwrite",
         action="store_true",
@@ -121,21 +148,22 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "settings are reused, interrupted ones resumed, ones with other settings refused)",
     )
     group.add_argument("--tensorboard", action="store_true", help="also log to <run>/tensorboard")
-    group.add_argument(
-        "--tasks",
-        choices=TASK_SCOPES,
-        default="local",
-        help="under torchrun: MLTP's two tasks are each process's halves of its batch (local, default) or "
-        "the unions of all processes' halves (global); see docs/distributed.md",
-    )
-    group.add_argument(
-        "--dist-timeout",
-        type=float,
-        default=distributed.DEFAULT_TIMEOUT_S,
-        metavar="SECONDS",
-        help="under torchrun: how long a process waits in a collective for the others before it fails "
-        f"(default {distributed.DEFAULT_TIMEOUT_S:.0f})",
-    )
+    if processes:
+        group.add_argument(
+            "--tasks",
+            choices=TASK_SCOPES,
+            default="local",
+            help="under torchrun: MLTP's two tasks are each process's halves of its batch (local, default) "
+            "or the unions of all processes' halves (global); see docs/distributed.md",
+        )
+        group.add_argument(
+            "--dist-timeout",
+            type=_positive_float,
+            default=distributed.DEFAULT_TIMEOUT_S,
+            metavar="SECONDS",
+            help="under torchrun: how long a process waits in a collective for the others before it fails "
+            f"(default {distributed.DEFAULT_TIMEOUT_S:.0f})",
+        )
     group.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
@@ -173,17 +201,42 @@ def _add_experiment_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+MAIN_JOB_DURATION = "about 5 minutes on 2 CPU cores"
+"""How long ``torch-mltp compare`` takes with its defaults (4 min 17 s on a quiet 2-core machine, 5 min 45 s
+with the other core busy); ``compare --help`` and the README say it."""
+RUNS = Path("runs")
+TRAIN_OUT = "runs/train/<dataset>-<model><settings>/<procedure>-seed<seed>"
+COMPARE_OUT = "runs/compare/<dataset>-<model><settings>"
+REPRODUCE_OUT = "runs/reproduce/<table><settings>"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (``torch-mltp train: error: ...``, exit status 2), from one process."""
+
+    def error(self, message: str) -> NoReturn:
+        _print_error(f"{self.prog}: error: {message}")
+        self.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="torch-mltp",
         description="Meta-learning based training procedure (MLTP, Deng & Zhang): the paper's experiments.",
+        epilog="Each command writes under runs/<command>/ (runs/train, runs/compare, runs/reproduce) unless "
+        "--out is given, in a folder named after its data set, model and settings: see "
+        "'torch-mltp <command> --help'.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="{train,compare,reproduce}")
 
-    train = commands.add_parser("train", help="one run: data set, model, procedure, seed")
+    train = commands.add_parser(
+        "train",
+        help="one run: data set, model, procedure, seed",
+        description=f"One run. Writes to {TRAIN_OUT} unless --out is given; running the same command "
+        "again resumes it.",
+    )
     _add_experiment_options(train)
     train.add_argument("--procedure", choices=PROCEDURES, default="mltp", help="default: mltp")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=_seed, default=0)
     train.add_argument(
         "--resume",
         action="store_true",
@@ -191,12 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
         "re-running the same command resumes too",
     )
     _add_recipe_options(train)
-    _add_run_options(train)
+    _add_run_options(train, TRAIN_OUT)
 
     compare = commands.add_parser(
         "compare",
         help="procedures x seeds on one data set and model: table, results.json, figures",
-        description="Without arguments: MNIST-1D, all five procedures, seeds 0 1 2 (a few minutes on a CPU).",
+        description="Without arguments: MNIST-1D, all five procedures, seeds 0 1 2, "
+        f"{MAIN_JOB_DURATION}. Writes to {COMPARE_OUT} (one folder per run in it) unless --out is given; "
+        "running the same command again reuses the finished runs and resumes the others.",
     )
     _add_experiment_options(compare)
     compare.add_argument(
@@ -207,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PROCEDURE",
         help=f"default: all of {', '.join(PROCEDURES)}",
     )
-    compare.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS), help="default: 0 1 2")
+    compare.add_argument("--seeds", nargs="+", type=_seed, default=list(DEFAULT_SEEDS), help="default: 0 1 2")
     compare.add_argument(
         "--baseline-dir",
         type=Path,
@@ -216,25 +271,62 @@ def build_parser() -> argparse.ArgumentParser:
         "only in MLTP settings (--eta, --alpha-*): finished ones are reused, missing ones trained there",
     )
     _add_recipe_options(compare)
-    _add_run_options(compare)
+    _add_run_options(compare, COMPARE_OUT)
 
+    tables = "; ".join(
+        f"{name} ({spec.dataset}: {', '.join(model for model, _ in spec.rows)})"
+        for name, spec in TABLES.items()
+    )
     reproduce = commands.add_parser(
         "reproduce",
         help="one of the paper's tables with its settings",
-        description="Runs the paper's grid for Table I (CIFAR-10), II (CIFAR-100) or III (Tiny ImageNet).",
+        usage="torch-mltp reproduce {table1,table2,table3} [--dry-run] [options]",
+        description=f"Runs the paper's grid for one table ({tables}), in one process. Start with "
+        "'torch-mltp reproduce table1 --dry-run': the plan, whether the data set is where --data-root "
+        f"points, and a time estimate, in seconds. Writes to {REPRODUCE_OUT} unless --out is given.",
     )
-    reproduce.add_argument("table", choices=sorted(TABLES))
-    reproduce.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS), help="default: 0 1 2")
-    reproduce.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate only")
+    reproduce.add_argument(
+        "table", nargs="?", choices=sorted(TABLES), help="the paper's table to reproduce: " + tables
+    )
+    reproduce.add_argument(
+        "--seeds", nargs="+", type=_seed, default=list(DEFAULT_SEEDS), help="default: 0 1 2"
+    )
+    reproduce.add_argument(
+        "--dry-run", action="store_true", help="print the plan, the data check and the time estimate only"
+    )
     reproduce.add_argument(
         "--timing-steps",
         type=_non_negative_int,
         default=1,
-        help="steps timed per setting for the estimate, after one warm-up step (0: no estimate; default 1)",
+        help="steps of standard training timed per model for the estimate, after a warm-up step on a few "
+        "samples (0: no estimate; default 1)",
     )
     _add_recipe_options(reproduce)
-    _add_run_options(reproduce)
+    _add_run_options(reproduce, REPRODUCE_OUT, processes=False)
     return parser
+
+
+def _usage_problem(args: argparse.Namespace) -> Optional[str]:
+    """What the options say that argparse cannot check alone: a table for ``reproduce``, a batch that
+    MLTP can split into two tasks of at least 2 samples."""
+    if args.command == "reproduce" and args.table is None:
+        return (
+            f"name the table to reproduce, one of {', '.join(sorted(TABLES))}, "
+            "e.g. 'torch-mltp reproduce table1 --dry-run'"
+        )
+    if args.command == "train":
+        procedures = [args.procedure]
+    elif args.command == "compare":
+        procedures = args.procedures
+    else:
+        procedures = [procedure for _, row in TABLES[args.table].rows for procedure in row]
+    mltp = any(MLTP_MODES[procedure] is not None for procedure in procedures)
+    if mltp and args.batch_size is not None and args.batch_size < MIN_MLTP_BATCH:
+        return (
+            f"argument --batch-size: MLTP splits each batch into two tasks of at least 2 samples: expected "
+            f"{MIN_MLTP_BATCH} or more, got {args.batch_size}"
+        )
+    return None
 
 
 def _recipe_overrides(args: argparse.Namespace) -> dict:
@@ -272,8 +364,9 @@ def _run_options(args: argparse.Namespace, log_epochs: bool) -> RunOptions:
         log_epochs=log_epochs,
         overwrite=args.overwrite,
         require_checkpoint=getattr(args, "resume", False),
-        tasks=args.tasks,
+        tasks=getattr(args, "tasks", "local"),
         cosine_every=args.cosine_every,
+        command=args.command,
     )
 
 
@@ -283,51 +376,84 @@ def _experiment(args: argparse.Namespace) -> Experiment:
     return Experiment(args.dataset, model, recipe, args.limit_train_batches, args.limit_test_batches)
 
 
+def _folder_value(value) -> str:
+    if isinstance(value, tuple):
+        return "-".join(map(str, value)) or "none"
+    return str(value)
+
+
+def default_out(args: argparse.Namespace, processes: distributed.Processes) -> Path:
+    """Where a command writes without ``--out``: ``runs/<command>/``, then the data set and model (or the
+    table), followed by every setting given on the command line that its runs depend on (recipe
+    overrides, ``--limit-*``; under torchrun the number of processes and ``--tasks``), and for ``train``
+    the procedure and seed. Two commands share a default folder only when one continues the other."""
+    settings = {**_recipe_overrides(args)}
+    settings.update(limit_train_batches=args.limit_train_batches, limit_test_batches=args.limit_test_batches)
+    if processes.distributed:
+        settings.update(processes=processes.world_size, tasks=args.tasks)
+    suffix = "".join(
+        f",{name.replace('_', '-')}={_folder_value(value)}"
+        for name, value in settings.items()
+        if value is not None
+    )
+    if args.command == "reproduce":
+        return RUNS / "reproduce" / f"{args.table}{suffix}"
+    folder = RUNS / args.command / f"{args.dataset}-{args.model or DEFAULT_MODELS[args.dataset]}{suffix}"
+    return folder / run_dir_name(args.procedure, args.seed) if args.command == "train" else folder
+
+
 def _run(args: argparse.Namespace) -> None:
+    processes = distributed.current()
+    out = args.out or default_out(args, processes)
     if args.command == "train":
-        experiment = _experiment(args)
-        run_dir = args.out or Path("runs") / f"{experiment.dataset}-{experiment.model}" / run_dir_name(
-            args.procedure, args.seed
-        )
         result = train_run(
-            experiment, args.procedure, args.seed, run_dir, _run_options(args, log_epochs=True)
+            _experiment(args), args.procedure, args.seed, out, _run_options(args, log_epochs=True)
         )
         print(f"final test accuracy {result.final['test_acc']:.2f}%; results in {result.run_dir}")
     elif args.command == "compare":
-        experiment = _experiment(args)
-        root = args.out or Path("runs") / f"{experiment.dataset}-{experiment.model}"
         result = compare(
-            experiment,
+            _experiment(args),
             args.procedures,
             args.seeds,
-            root,
+            out,
             _run_options(args, log_epochs=False),
             baseline_root=args.baseline_dir,
         )
-        if not distributed.current().is_main:
+        if not processes.is_main:
             return  # under torchrun, the main process writes the outputs
-        written = write_outputs(root, [result])
+        written = write_outputs(out, [result])
         print()
-        print((root / "table.md").read_text())
+        print((out / "table.md").read_text())
         print("written: " + ", ".join(str(path) for path in written))
     else:
         rows = table_rows(
             args.table, _recipe_overrides(args), args.limit_train_batches, args.limit_test_batches
         )
-        root = args.out or Path("runs") / args.table
         results = reproduce(
             args.table,
             rows,
             args.seeds,
-            root,
+            out,
             _run_options(args, log_epochs=False),
             args.timing_steps,
             args.dry_run,
         )
         if results is not None:
             print()
-            print((root / "table.md").read_text())
-            print(f"written: {root}/table.md, {root}/results.json and one folder per model with figures")
+            print((out / "table.md").read_text())
+            print(f"written: {out}/table.md, {out}/results.json and one folder per model with figures")
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise), known before the process group exists."""
+    return int(os.environ.get("RANK", "0")) if distributed.launched_by_torchrun() else 0
+
+
+def _print_error(message: str) -> None:
+    """Print the command's error once: under torchrun every process meets the same error (options, data,
+    output folder are the same everywhere), and process 0 says it."""
+    if _rank() == 0:
+        print(message, file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -376,7 +502,14 @@ def messages_to_stdout() -> Iterator[None]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``torch-mltp``; returns the exit status (2: a problem the user can fix)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problem = _usage_problem(args)
+    if problem is not None:
+        _print_error(f"torch-mltp {args.command}: error: {problem}")
+        raise SystemExit(2)  # as argparse ends a usage error
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)  # each line as it comes, also into a pipe or a file
     threads = args.threads or (1 if getattr(args, "dataset", None) == "mnist1d" else None)
     previous_threads = torch.get_num_threads()
     if threads is not None:
@@ -385,12 +518,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with _processes(args), messages_to_stdout():
             _run(args)
     except (DatasetError, ExperimentError) as err:
-        print(f"torch-mltp: error: {err}", file=sys.stderr)
+        _print_error(f"torch-mltp: error: {err}")
         return 2
     except KeyboardInterrupt:
-        print(
-            "torch-mltp: interrupted; run the same command again to resume from the last finished epoch",
-            file=sys.stderr,
+        _print_error(
+            "torch-mltp: interrupted; run the same command again to resume from the last finished epoch"
         )
         return 130
     finally:

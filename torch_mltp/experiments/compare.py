@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -144,6 +145,11 @@ def _p_text(p_value: Optional[float]) -> str:
     return f"{p_value:.2g}" if p_value < 0.001 else f"{p_value:.3f}"
 
 
+def _informative_sign_flip(difference: dict) -> Optional[float]:
+    """The sign-flip p-value, or ``None`` for one pair: its two sign patterns always give p = 1."""
+    return difference["p_sign_flip"] if difference["n"] > 1 else None
+
+
 def _cosine_text(entry: Optional[dict]) -> str:
     if entry is None:
         return "—"
@@ -209,7 +215,7 @@ def markdown_table(
                 cells += (
                     ["—", "—"]
                     if difference is None
-                    else [_p_text(difference["p_t"]), _p_text(difference["p_sign_flip"])]
+                    else [_p_text(difference["p_t"]), _p_text(_informative_sign_flip(difference))]
                 )
                 if reported is not None:
                     paper = reported.get((result["model"], procedure), ())
@@ -276,17 +282,61 @@ def compare(
     if data is None:
         data = load_dataset(experiment.dataset, options.data_root, download=options.download)
     check_procedures(experiment, procedures, data)
+    plan = [(procedure, seed) for seed in seeds for procedure in procedures]
+    log.info(
+        "%d runs (%d procedure(s) x %d seed(s)) of %s on %s into %s",
+        len(plan),
+        len(procedures),
+        len(seeds),
+        experiment.model,
+        experiment.dataset,
+        root,
+    )
     runs: Dict[Tuple[str, int], RunResult] = {}
-    total = len(procedures) * len(seeds)
-    for seed in seeds:
-        for procedure in procedures:
-            parent = baseline_root if procedure == BASELINE and baseline_root is not None else root
-            run = train_run(
-                experiment, procedure, seed, Path(parent) / run_dir_name(procedure, seed), options, data
-            )
-            runs[procedure, seed] = run
-            log.info("[%d/%d] %s", len(runs), total, run_line(experiment, run))
+    clock = RunClock()
+    for index, (procedure, seed) in enumerate(plan, start=1):
+        log.info("run %d/%d: %s seed %d ...", index, len(plan), procedure, seed)
+        parent = baseline_root if procedure == BASELINE and baseline_root is not None else root
+        started = time.perf_counter()
+        run = train_run(
+            experiment, procedure, seed, Path(parent) / run_dir_name(procedure, seed), options, data
+        )
+        if not run.reused:
+            clock.add(procedure, time.perf_counter() - started)
+        runs[procedure, seed] = run
+        left = clock.left([procedure for procedure, _ in plan[index:]])
+        suffix = "" if left is None else f"; about {duration_text(left)} left"
+        log.info("[%d/%d] %s%s", index, len(plan), run_line(experiment, run), suffix)
     return summarize(experiment, procedures, seeds, runs)
+
+
+class RunClock:
+    """The wall-clock seconds of the runs trained so far, per procedure, and what they predict for the
+    runs still to come (runs found finished and reused take no time and are not counted)."""
+
+    def __init__(self) -> None:
+        self.seconds: Dict[str, List[float]] = {}
+
+    def add(self, procedure: str, seconds: float) -> None:
+        self.seconds.setdefault(procedure, []).append(seconds)
+
+    def left(self, procedures: Sequence[str]) -> Optional[float]:
+        """Seconds that runs of ``procedures`` will take: each at the mean of its procedure's runs so far,
+        or of all runs so far for a procedure not yet trained; ``None`` before any run or when none is
+        left."""
+        every = [seconds for runs in self.seconds.values() for seconds in runs]
+        if not every or not procedures:
+            return None
+        overall = math.fsum(every) / len(every)
+        mean = {procedure: math.fsum(runs) / len(runs) for procedure, runs in self.seconds.items()}
+        return math.fsum(mean.get(procedure, overall) for procedure in procedures)
+
+
+def duration_text(seconds: float) -> str:
+    """``seconds`` for a person: ``40 s``, ``3.5 min``, ``12.0 h``."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
 def run_line(experiment: Experiment, run: RunResult) -> str:

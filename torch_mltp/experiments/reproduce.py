@@ -11,10 +11,10 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from torch_mltp.data import load_dataset
+from torch_mltp.data import dataset_folder, dataset_present, load_dataset
 from torch_mltp.models import default_num_classes
 
-from .compare import compare, write_outputs
+from .compare import BASELINE, compare, duration_text, write_outputs
 from .recipes import TABLES, TRAIN_SET_SIZES, recipe_for
 from .training import (
     Experiment,
@@ -82,40 +82,71 @@ def steps_per_epoch(experiment: Experiment) -> int:
     return steps if experiment.limit_train_batches is None else min(steps, experiment.limit_train_batches)
 
 
-def measure_step_seconds(experiment: Experiment, procedure: str, device: torch.device, steps: int) -> float:
-    """Seconds per training step, timed over ``steps`` steps on a random batch after one warm-up step."""
+STEP_COST = {
+    "cpu": {"standard": 1.0, "mltp_fo": 1.0, "mltp_fc": 1.5, "mltp_conv": 2.0, "mltp": 2.0},
+    "cuda": {"standard": 1.0, "mltp_fo": 2.0, "mltp_fc": 2.5, "mltp_conv": 4.0, "mltp": 4.5},
+}
+"""A step of each procedure in steps of standard training, by device type: about what
+``benchmarks/bench_step.py`` measured on CNet1, CNet4 and ResNet-18 (docs/benchmarks.md) on a 2-core CPU
+and on an H200 GPU, where standard training's full batch uses the device far better than MLTP's halves."""
+WARM_UP_SAMPLES = 4
+"""The warm-up step runs on this many samples: it pays the first call's costs at little expense."""
+
+
+def measure_step_seconds(experiment: Experiment, device: torch.device, steps: int) -> float:
+    """Seconds per step of standard training on a random batch of the recipe's size, timed over ``steps``
+    steps after one warm-up step on :data:`WARM_UP_SAMPLES` samples."""
     shape = _ShapeOnly(default_num_classes(experiment.model), INPUT_SHAPES[experiment.dataset])
     model = build_model_for(experiment, shape).to(device)
-    optimizer = build_optimizer(model, experiment.recipe, procedure)
+    optimizer = build_optimizer(model, experiment.recipe, "standard")
     generator = torch.Generator().manual_seed(0)
     batch = experiment.recipe.batch_size
     x = torch.randn((batch, *shape.input_shape), generator=generator).to(device)
     y = torch.randint(shape.num_classes, (batch,), generator=generator).to(device)
     loss_fn = TrainTally(device).loss_fn(model)
     model.train()
-    for index in range(steps + 1):
-        if index == 1:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            started = time.perf_counter()
+    training_step(optimizer, loss_fn, x[:WARM_UP_SAMPLES], y[:WARM_UP_SAMPLES])
+    _synchronize(device)
+    started = time.perf_counter()
+    for _ in range(steps):
         training_step(optimizer, loss_fn, x, y)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    _synchronize(device)
     return (time.perf_counter() - started) / steps
 
 
-def _hours(seconds: float) -> str:
-    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def data_line(dataset: str, root: str) -> str:
+    """Whether ``dataset`` is where ``root`` points, and if not, how to get it there."""
+    folder = dataset_folder(dataset, root)
+    if dataset_present(dataset, root):
+        return f"data: {dataset} found in {folder}"
+    how = {
+        "cifar10": "add --download to fetch it",
+        "cifar100": "add --download to fetch it",
+        "tiny-imagenet": "download and unzip it by hand, see docs/data.md",
+    }[dataset]
+    return f"data: {dataset} NOT found in {folder} (--data-root {root}): {how}"
 
 
 def plan_lines(
-    table: str, rows: Sequence[TableRow], seeds: Sequence[int], device: torch.device, timing_steps: int
+    table: str,
+    rows: Sequence[TableRow],
+    seeds: Sequence[int],
+    data_root: str,
+    device: torch.device,
+    timing_steps: int,
 ) -> Iterator[str]:
-    """What ``reproduce`` will run and (``timing_steps > 0``) roughly how long it takes on ``device``, line
-    by line: each setting's line comes as soon as its steps are timed, so that a caller can show progress.
+    """What ``reproduce`` will run, whether its data set is under ``data_root`` and (``timing_steps > 0``)
+    roughly how long it takes on ``device``, line by line: each model's line comes as soon as it is
+    timed, so that a caller can show progress.
 
-    The estimate times one warm-up step and ``timing_steps`` steps of every (model, procedure) on a random
-    batch, and multiplies by the steps of a run: training only, on this machine with its current load.
+    The estimate times one warm-up step and ``timing_steps`` steps of standard training per model on a
+    random batch, scales them by each procedure's :data:`STEP_COST` and multiplies by the steps of a run:
+    training only, on this machine with its current load.
     """
     settings = [(row.experiment, procedure) for row in rows for procedure in row.procedures]
     first = rows[0].experiment
@@ -128,38 +159,40 @@ def plan_lines(
     )
     for row in rows:
         yield f"{row.experiment.model}: {row.experiment.recipe}"
+    yield data_line(first.dataset, data_root)
     yield f"device: {describe_device(device)}"
     if timing_steps <= 0:
         yield "no time estimate (--timing-steps 0)"
         return
+    cost = STEP_COST["cuda" if device.type == "cuda" else "cpu"]
     yield (
-        f"timing {len(settings)} settings: 1 warm-up step and {timing_steps} timed step(s) each "
-        f"on a random batch of {first.recipe.batch_size} (--timing-steps sets how many)"
+        f"timing {len(rows)} models: {timing_steps} step(s) of standard training each on a random batch of "
+        f"{first.recipe.batch_size} after a warm-up step (--timing-steps sets how many); a step of "
+        + ", ".join(
+            f"{procedure} counted as {cost[procedure]:g}" for procedure in cost if procedure != BASELINE
+        )
+        + " standard steps"
     )
     started = time.perf_counter()
     total = 0.0
-    width = len(str(len(settings)))
-    for index, (experiment, procedure) in enumerate(settings, start=1):
-        seconds = measure_step_seconds(experiment, procedure, device, timing_steps)
-        run = seconds * steps_per_epoch(experiment) * experiment.recipe.epochs
-        total += run * len(seeds)
+    width = len(str(len(rows)))
+    for index, row in enumerate(rows, start=1):
+        experiment = row.experiment
+        seconds = measure_step_seconds(experiment, device, timing_steps)
+        runs = {
+            procedure: seconds * cost[procedure] * steps_per_epoch(experiment) * experiment.recipe.epochs
+            for procedure in row.procedures
+        }
+        total += math.fsum(runs.values()) * len(seeds)
         yield (
-            f"  [{index:{width}d}/{len(settings)}] {experiment.model:<9} {procedure:<10} "
-            f"{seconds:8.4f} s/step  ~{_hours(run)} per run"
+            f"  [{index:{width}d}/{len(rows)}] {experiment.model:<9} {seconds:8.4f} s/step; per run: "
+            + ", ".join(f"{procedure} ~{duration_text(run)}" for procedure, run in runs.items())
         )
     yield (
-        f"estimated total: ~{_hours(total)} on {describe_device(device)} (training steps only, timed in "
-        f"{time.perf_counter() - started:.0f} s over {timing_steps} step(s) per setting after a warm-up "
-        "step; test evaluation and data loading come on top; the estimate depends on the machine and "
-        "on what else runs on it)"
+        f"estimated total: ~{duration_text(total)} on {describe_device(device)} (training steps only, "
+        f"timed in {time.perf_counter() - started:.0f} s; test evaluation and data loading come on top; "
+        "the estimate depends on the machine and on what else runs on it)"
     )
-
-
-def plan(
-    table: str, rows: Sequence[TableRow], seeds: Sequence[int], device: torch.device, timing_steps: int
-) -> str:
-    """:func:`plan_lines` as one text."""
-    return "\n".join(plan_lines(table, rows, seeds, device, timing_steps))
 
 
 def reproduce(
@@ -177,7 +210,9 @@ def reproduce(
     gets the combined table (with the paper's numbers) and results.json.
     """
     data = None if dry_run else load_dataset(rows[0].experiment.dataset, options.data_root, options.download)
-    for line in plan_lines(table, rows, seeds, resolve_device(options.device), timing_steps):
+    for line in plan_lines(
+        table, rows, seeds, options.data_root, resolve_device(options.device), timing_steps
+    ):
         log.info("%s", line)  # line by line: timing every setting takes a while
     if dry_run:
         return None

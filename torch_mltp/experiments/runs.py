@@ -57,30 +57,34 @@ class RunFolder:
         require_checkpoint: bool,
         defaults: Optional[dict] = None,
         ignored: Iterable[str] = (),
+        writer: Optional[str] = None,
     ) -> Optional[int]:
         """Check the folder against ``config``; returns the last checkpointed epoch, or ``None`` for a
         fresh start.  ``overwrite`` deletes a previous run first.
 
         ``defaults`` (nested like ``config``): the value of a setting that a stored configuration lacks
         (it was written before the setting existed). ``ignored``: dotted names of settings that may
-        differ (``experiment.recipe.epochs`` always may: a run can be extended).
+        differ (``experiment.recipe.epochs`` always may: a run can be extended). ``writer``: the command
+        that asks (``train``, ``compare``, ``reproduce``); a refusal offers ``--overwrite`` only for a run
+        that the same command wrote, and otherwise asks for another ``--out``.
         """
+        stored = None
         if overwrite:
             for name in RUN_FILES:
                 (self.path / name).unlink(missing_ok=True)
             shutil.rmtree(self.path / TENSORBOARD_DIR, ignore_errors=True)
         elif (self.path / CONFIG_FILE).exists():
-            stored = _with_defaults(json.loads((self.path / CONFIG_FILE).read_text()), defaults or {})
-            changed = _differences({key: stored.get(key) for key in config}, config, {EXTENDABLE, *ignored})
+            stored = json.loads((self.path / CONFIG_FILE).read_text())
+            settings = _with_defaults(stored, defaults or {})
+            changed = _differences({key: settings.get(key) for key in config}, config, {EXTENDABLE, *ignored})
             if changed:
                 raise ExperimentError(
                     f"{self.path} holds a run with other settings ({'; '.join(changed)}); "
-                    "pass --overwrite to replace it or choose another --out"
+                    + _way_out(stored, writer, "replace it")
                 )
         elif self.path.exists() and any(self.path.iterdir()):
             raise ExperimentError(
-                f"{self.path} exists and is not a run folder (no {CONFIG_FILE}); "
-                "choose another --out or pass --overwrite"
+                f"{self.path} exists and is not a run folder (no {CONFIG_FILE}); choose another --out"
             )
         if not (self.path / CHECKPOINT_FILE).exists():
             if require_checkpoint:
@@ -90,7 +94,7 @@ class RunFolder:
         if last_epoch > epochs:
             raise ExperimentError(
                 f"{self.path} already trained for {last_epoch} epochs, more than the {epochs} asked for; "
-                "pass --overwrite to start over"
+                + _way_out(stored, writer, "start over")
             )
         return last_epoch
 
@@ -127,6 +131,16 @@ class RunFolder:
     def finish(self, model_state: dict, result: dict) -> None:
         _atomic_save(model_state, self.path / FINAL_FILE)
         _write_json(result, self.path / RESULT_FILE)
+
+
+def _way_out(stored: Optional[dict], writer: Optional[str], overwrite_does: str) -> str:
+    """What to pass instead: ``--overwrite`` only for a run that the same command wrote (deleting it
+    deletes nothing of another command's), else another ``--out`` to keep it."""
+    written_by = (stored or {}).get("options", {}).get("command")
+    if stored is not None and written_by == writer:
+        return f"pass --overwrite to {overwrite_does} or choose another --out"
+    by = f"torch-mltp {written_by}" if written_by else "an earlier command"
+    return f"it holds a result of {by}: choose another --out to keep it"
 
 
 def _with_defaults(stored: dict, defaults: dict) -> dict:

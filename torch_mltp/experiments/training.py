@@ -105,6 +105,9 @@ class RunOptions:
     """Measure the gradient cosine of the two tasks (:func:`.probes.gradient_cosine`) before every
     ``cosine_every``-th training step of an epoch, starting with its first; 0: never. The measurement
     does not change the training."""
+    command: Optional[str] = None
+    """The ``torch-mltp`` command that writes the runs (``train``, ``compare``, ``reproduce``), kept in each
+    run's config.json: a folder that another command wrote is refused without offering ``--overwrite``."""
 
 
 @dataclass
@@ -512,6 +515,7 @@ def _open_folder(
                 options.require_checkpoint,
                 defaults=json_normal({"experiment": {"recipe": Recipe.field_defaults()}}),
                 ignored=settings_ignored_by(procedure),
+                writer=options.command,
             )
             verdict = (last_epoch, None)
         except ExperimentError as err:
