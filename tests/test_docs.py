@@ -1,4 +1,4 @@
-"""Every Python block of the README and of docs/training-loops.md runs as written."""
+"""Every Python block of the README, docs/training-loops.md and docs/integrations.md runs as written."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DOCUMENTS = ("README.md", "docs/training-loops.md")
+DOCUMENTS = ("README.md", "docs/training-loops.md", "docs/integrations.md")
+FRAMEWORKS = ("lightning", "transformers", "accelerate")  # optional: a block that imports one needs it
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
 
@@ -24,9 +25,12 @@ def test_the_documents_have_python_blocks():
 
 
 @pytest.mark.parametrize("code", python_blocks())
-def test_python_block_runs_as_written(code, tmp_path, monkeypatch):
-    if "import lightning" in code:
-        pytest.importorskip("lightning")
+def test_python_block_runs_as_written(code, tmp_path, monkeypatch, request):
+    imported = [name for name in FRAMEWORKS if re.search(rf"^(from|import) {name}\b", code, re.M)]
+    for name in imported:
+        pytest.importorskip(name)
+    if {"transformers", "accelerate"} & set(imported):
+        request.getfixturevalue("accelerator_state")
     monkeypatch.chdir(tmp_path)  # whatever a block writes lands in a temporary folder
     script = tmp_path / "block.py"
     script.write_text(code)
