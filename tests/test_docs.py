@@ -1,5 +1,5 @@
-"""Every Python block of the README and of docs/training-loops.md runs as written; the script of
-docs/distributed.md runs under ``torchrun --nproc_per_node=2`` on the CPU."""
+"""Every Python block of the README, docs/training-loops.md and docs/integrations.md runs as written;
+the script of docs/distributed.md runs under ``torchrun --nproc_per_node=2`` on the CPU."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import pytest
 from spawn import torchrun
 
 REPO = Path(__file__).resolve().parents[1]
-DOCUMENTS = ("README.md", "docs/training-loops.md")
+DOCUMENTS = ("README.md", "docs/training-loops.md", "docs/integrations.md")
 TORCHRUN_DOCUMENTS = ("docs/distributed.md",)
+FRAMEWORKS = ("lightning", "transformers", "accelerate")  # optional: a block that imports one needs it
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 TIMEOUT_S = 240
 
@@ -30,9 +31,12 @@ def test_the_documents_have_python_blocks():
 
 
 @pytest.mark.parametrize("code", python_blocks(DOCUMENTS))
-def test_python_block_runs_as_written(code, tmp_path, monkeypatch):
-    if "import lightning" in code:
-        pytest.importorskip("lightning")
+def test_python_block_runs_as_written(code, tmp_path, monkeypatch, request):
+    imported = [name for name in FRAMEWORKS if re.search(rf"^(from|import) {name}\b", code, re.M)]
+    for name in imported:
+        pytest.importorskip(name)
+    if {"transformers", "accelerate"} & set(imported):
+        request.getfixturevalue("accelerator_state")
     monkeypatch.chdir(tmp_path)  # whatever a block writes lands in a temporary folder
     script = tmp_path / "block.py"
     script.write_text(code)

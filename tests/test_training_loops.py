@@ -414,6 +414,35 @@ def test_gradscaler_overflow_skips_the_step_and_lowers_the_scale(mode, task):
     assert torch.isfinite(model[1].running_mean).all() and torch.isfinite(model[1].running_var).all()
 
 
+def test_a_base_optimizer_that_steps_through_a_gradscaler_is_probed_without_it(accelerator_state):
+    """What accelerate's prepare returns shares its groups with the optimizer it holds and steps it
+    through the GradScaler: wrapping it leaves the scaler untouched, and steps as the plain loop."""
+    from accelerate import Accelerator
+
+    runs = []
+    for accelerator in (None, Accelerator(cpu=True)):
+        model = mlp(batchnorm=True)
+        torch.manual_seed(1)
+        base = torch.optim.Adam(model.parameters(), lr=1e-2)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
+        if accelerator is None:
+            opt = MLTPOptimizer(base, model, alpha_init=(0.05, 0.02))
+            scaler_loop(model, opt, batches(5), scaler)
+        else:
+            accelerator.scaler = scaler  # what Accelerator(mixed_precision="fp16") makes on a GPU
+            opt = MLTPOptimizer(accelerator.prepare(base), model, alpha_init=(0.05, 0.02))
+            assert scaler._scale is None  # the probe did not step the scaler
+            for x, y in batches(5):
+                opt.zero_grad()
+                opt.backward(*closures(model, x, y), scaler=scaler)
+                scaler.unscale_(opt.base_optimizer.optimizer)  # as accelerator.clip_grad_norm_ does
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()  # the prepared optimizer's step: scaler.step and scaler.update
+        runs.append((weights_and_alphas(model, opt), scaler.state_dict()))
+    assert all(torch.equal(runs[0][0][k], runs[1][0][k]) for k in runs[0][0])
+    assert runs[0][1] == runs[1][1]
+
+
 # -- torch.compile -----------------------------------------------------------------------------------------
 
 

@@ -148,7 +148,13 @@ def alpha_group_lr(base: torch.optim.Optimizer, alpha_lr: Optional[float]) -> An
 
 def probe_alpha_step(base: torch.optim.Optimizer, alphas: list[Tensor]) -> None:
     """Run one base step on the alphas' group alone (zero gradients, lr 0) and undo it, so that an
-    optimizer that cannot update a step-size tensor fails here rather than mid-training."""
+    optimizer that cannot update a step-size tensor fails here rather than mid-training.  A wrapper
+    that shares its param groups with the optimizer it holds as ``.optimizer`` (accelerate's
+    ``AcceleratedOptimizer``, whose step also steps and updates a ``GradScaler``) is probed through
+    that optimizer."""
+    inner = getattr(base, "optimizer", None)
+    while isinstance(inner, torch.optim.Optimizer) and inner.param_groups is base.param_groups:
+        base, inner = inner, getattr(inner, "optimizer", None)
     group = base.param_groups[-1]
     others = [p for g in base.param_groups[:-1] for p in g["params"]]
     saved_grads = [p.grad for p in others]

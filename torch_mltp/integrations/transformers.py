@@ -1,0 +1,106 @@
+"""MLTP in the Hugging Face ``Trainer`` (``pip install torch-mltp[transformers]``; ``docs/integrations.md``).
+
+::
+
+    trainer = MLTPTrainer(model=model, args=TrainingArguments(...), train_dataset=data,
+                          mltp=dict(mode="fo", eta=1.0, alpha_init=(1e-3, 1e-3)))
+    trainer.train()
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from .. import MLTPOptimizer, task_closures
+from . import require
+from .accelerate import unwrap_optimizer
+
+require("transformers")
+from transformers import Trainer, TrainerCallback  # noqa: E402
+
+
+class MLTPTrainer(Trainer):
+    r"""A ``Trainer`` whose steps minimise the MLTP objective
+    ``J = L(w; i) + eta * L(w - alpha * dL(w; i)/dw; j)``, tasks i and j being the two halves of each
+    batch.
+
+    ``mltp``: the keyword arguments of :class:`~torch_mltp.MLTPOptimizer` (``mode``, ``eta``,
+    ``alpha_init``, ...), which wraps the optimizer that the ``Trainer`` builds (its weight-decay
+    groups included); the ``Trainer``'s scheduler is then built on the wrapper and moves the
+    alphas' learning rate with the weights'.  An optimizer passed as ``optimizers=(opt, None)`` is
+    wrapped the same way, or used as it is if it already is an ``MLTPOptimizer``.
+
+    Every micro-batch ``m`` of an optimizer step adds ``w_m * dJ_m/dw`` to ``.grad``, with each task
+    loss the model's own mean over that task, and ``w_m = n_m / N`` (``n_m`` the items of ``m`` that
+    the ``Trainer`` counts for ``num_items_in_batch``, ``N`` their sum over the step) or
+    ``w_m = 1 / k`` for ``k`` micro-batches when the ``Trainer`` counts none.  The logged ``loss``
+    is ``sum_m w_m J_m``, and every alpha is logged as ``alpha/<name>`` (a name of ``opt.alphas``; the
+    mean for ``alpha_per="element"``).
+    """
+
+    def __init__(self, *args: Any, mltp: Optional[dict[str, Any]] = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if (
+            self.args.world_size > 1
+            or self.args.n_gpu > 1
+            or self.is_deepspeed_enabled
+            or self.is_fsdp_enabled
+        ):
+            raise ValueError(
+                "MLTPTrainer trains in one process on one device; for several processes use torchrun "
+                "with DistributedDataParallel (docs/distributed.md)"
+            )
+        self.mltp = dict(mltp or {})
+        self.add_callback(_ClearAlphaGradients())
+
+    def create_optimizer(self, model: Optional[torch.nn.Module] = None) -> torch.optim.Optimizer:
+        """The ``Trainer``'s optimizer wrapped in an ``MLTPOptimizer`` built with ``mltp``."""
+        optimizer = super().create_optimizer(model)
+        if not isinstance(unwrap_optimizer(optimizer), MLTPOptimizer):
+            self.optimizer = MLTPOptimizer(optimizer, self.model if model is None else model, **self.mltp)
+        elif self.mltp:
+            raise ValueError(
+                "the optimizer is already an MLTPOptimizer: drop mltp= or pass a plain optimizer"
+            )
+        return self.optimizer
+
+    def training_step(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
+        """``opt.backward`` on the two halves of ``inputs`` with weight ``w_m``; returns ``w_m * J``."""
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        if num_items_in_batch is None:
+            weight = 1.0 / self.current_gradient_accumulation_steps
+        else:
+            _, items = self.get_batch_samples(iter([inputs]), 1, self.args.device)
+            weight = float(items / num_items_in_batch)
+        keys = list(inputs)
+
+        def task_loss(*values: Any) -> torch.Tensor:
+            with self.compute_loss_context_manager():
+                return self.compute_loss(model, dict(zip(keys, values)))
+
+        objective = unwrap_optimizer(self.optimizer).backward(
+            *task_closures(task_loss, *inputs.values()), weight=weight, scaler=self.accelerator.scaler
+        )
+        return objective * weight
+
+    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        """The ``Trainer``'s logs, and with the training loss the alphas as ``alpha/<name>``."""
+        if "loss" in logs:
+            alphas = unwrap_optimizer(self.optimizer).alphas
+            logs.update({f"alpha/{name}": alpha.mean().item() for name, alpha in alphas.items()})
+        super().log(logs, start_time)
+
+
+class _ClearAlphaGradients(TrainerCallback):
+    """The ``Trainer`` clears the model's gradients after a step, not the alphas': clear both before
+    each optimizer step's first micro-batch."""
+
+    def on_step_begin(
+        self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any
+    ) -> None:
+        unwrap_optimizer(optimizer).zero_grad()
