@@ -15,7 +15,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from torch_mltp import constants
+from torch_mltp import MLTPOptimizer, constants, task_closures
 from torch_mltp.functional import mltp_gradients
 
 # 300 x 300 = 90,000 entries: released early; 1030 x 1030 = 1,060,900: processed one by one
@@ -104,9 +104,26 @@ def test_the_generated_models_reach_both_sides_of_the_thresholds():
     assert max(sizes) >= constants.LARGE_TENSOR > 90_000 >= constants.EARLY_RELEASE_FROM > min(sizes)
 
 
-def test_foreach_true_refuses_tensors_the_fast_path_cannot_take():
-    model = build(0, [3, 3])
-    params, shifted, alphas, alpha_of = selection(model, {0}, "layer", 0)
-    sparse = [params[0].detach().to_sparse(), params[1]]
-    with pytest.raises(ValueError, match="foreach=True needs plain dense tensors"):
-        mltp_gradients(lambda: None, lambda: None, sparse, shifted, alphas, alpha_of, 1.0, True, foreach=True)
+class Marked(torch.Tensor):
+    """A tensor subclass, as ``DTensor`` is one: the fused path does not take it."""
+
+
+@pytest.mark.parametrize("foreach", [None, False, True])
+def test_a_tensor_subclass_takes_the_single_tensor_path_and_foreach_true_refuses_it(foreach):
+    model = build(0, [3, 4, 2])
+    twin = build(0, [3, 4, 2])
+    model[0].weight = nn.Parameter(model[0].weight.detach().as_subclass(Marked))
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+    grads = []
+    for m in (model, twin):
+        torch.manual_seed(1)
+        opt = MLTPOptimizer(torch.optim.SGD(m.parameters(), lr=0.0), m, mode="fo", foreach=foreach)
+        closures = task_closures(lambda a, b, m=m: F.cross_entropy(m(a), b), x, y)
+        if foreach and m is model:
+            with pytest.raises(ValueError, match="foreach=True needs plain dense tensors"):
+                opt.step(*closures)
+            return
+        opt.step(*closures)
+        grads.append([p.grad for p in m.parameters()] + [a.grad for a in opt.alphas.values()])
+    for got, expected in zip(*grads):
+        torch.testing.assert_close(got.as_subclass(torch.Tensor), expected, rtol=1e-12, atol=1e-14)

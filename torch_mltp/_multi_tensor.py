@@ -47,6 +47,7 @@ class Workspace:
     def __init__(self) -> None:
         self.lookahead: list[Tensor] = []
         self.segments: Optional[Tensor] = None
+        self.segmented: Optional[bool] = None
 
     def lookahead_storage(self, params: Sequence[Tensor]) -> list[Tensor]:
         """Storage shaped like ``params``, reused while they keep their shape, dtype and device."""
@@ -87,7 +88,7 @@ def multi_tensor_mltp(
         values_i = _owned(list(grads_i) if first_order else [_detached(g) for g in grads_i], params)
         if average is not None:
             loss_i, *values_i = average([loss_i.detach(), *values_i], [loss_i, *params])
-        g_shift = [_value_or_zeros(values_i[k], params[k]) for k in shifted]
+        g_shift = [g if (g := values_i[k]) is not None else torch.zeros_like(params[k]) for k in shifted]
         inner_alphas, finite = step_alphas, None
         if loss_scale is not None or guard_lookahead:
             finite = all_finite(g_shift)
@@ -104,12 +105,12 @@ def multi_tensor_mltp(
     with torch.no_grad():
         if average is not None:
             loss_j, *grads_j = average([loss_j.detach(), *grads_j], [loss_j, *params])
-        else:
-            grads_j = _owned(list(grads_j), params)
+        else:  # read only, unless the Hessian term's vectors take their storage
+            grads_j = list(grads_j) if first_order else _owned(list(grads_j), params)
         scale = -eta if loss_scale is None else -eta / loss_scale
         alpha_result = None
         if alpha_grads:
-            h_shift = [_value_or_zeros(grads_j[k], params[k]) for k in shifted]
+            h_shift = [h if (h := grads_j[k]) is not None else torch.zeros_like(params[k]) for k in shifted]
             alpha_result = _alpha_gradients(h_shift, g_shift, alphas, alpha_of, scale, workspace)
             del h_shift
         param_grads = _combine(values_i, (grads_j, eta))  # g_i + eta * h_j, in g_i's buffers
@@ -347,11 +348,15 @@ def _alpha_gradients(
     if not h_shift:
         return grads
     used = set(alpha_of)
-    segmented = (
-        all(alphas[a].dim() == 0 for a in used)
-        and all(a <= b for a, b in zip(alpha_of, alpha_of[1:]))
-        and len({h.device for h in h_shift}) == 1
-    )
+    segmented = workspace.segmented if workspace is not None else None
+    if segmented is None:
+        segmented = (
+            all(alphas[a].dim() == 0 for a in used)
+            and all(a <= b for a, b in zip(alpha_of, alpha_of[1:]))
+            and len({h.device for h in h_shift}) == 1
+        )
+        if workspace is not None:
+            workspace.segmented = segmented
     if not segmented:
         for h, g, a in zip(h_shift, g_shift, alpha_of):
             product = torch.vdot(h.reshape(-1), g.reshape(-1)) if alphas[a].dim() == 0 else h * g
@@ -378,7 +383,3 @@ def _alpha_gradients(
 
 def _detached(grad: Optional[Tensor]) -> Optional[Tensor]:
     return None if grad is None else grad.detach()
-
-
-def _value_or_zeros(grad: Optional[Tensor], param: Tensor) -> Tensor:
-    return torch.zeros_like(param) if grad is None else grad

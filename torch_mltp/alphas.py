@@ -60,6 +60,7 @@ class AlphaStore:
         ]
         self.names = list(names)
         self.views = self._make_views()
+        self.members = _members(self.spans, len(self.buckets))
         with torch.no_grad():
             for view in self.views.values():
                 view.normal_(mean, std) if std > 0 else view.fill_(mean)
@@ -80,6 +81,7 @@ class AlphaStore:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.views = self._make_views()  # pickle does not keep views aliased with their base
+        self.members = _members(self.spans, len(self.buckets))
 
     @property
     def values(self) -> list[Tensor]:
@@ -118,7 +120,7 @@ class AlphaStore:
         """Give each view the matching part of its bucket's ``.grad``; ``None`` for the alphas that
         received no gradient (``received`` holds the indices of those that did)."""
         views = list(self.views.values())
-        for bucket, members in zip(self.buckets, self._members()):
+        for bucket, members in zip(self.buckets, self.members):
             grad = bucket.grad
             parts = None if grad is None else self._parts(grad, members)
             for position, a in enumerate(members):
@@ -128,13 +130,6 @@ class AlphaStore:
                         view.grad = None
                 elif view.grad is None or view.grad._base is not grad:
                     view.grad = parts[position]
-
-    def _members(self) -> list[list[int]]:
-        """The alphas of each bucket, in the order they lie in it."""
-        members: list[list[int]] = [[] for _ in self.buckets]
-        for a, span in enumerate(self.spans):
-            members[span.bucket].append(a)
-        return members
 
     def _parts(self, grad: Tensor, members: list[int]) -> Sequence[Tensor]:
         """A bucket's gradient cut into its alphas' views, with one operation for the bucket."""
@@ -166,6 +161,14 @@ class AlphaStore:
             with torch.no_grad():
                 for tensor, span, value in kept:
                     tensor[span.start : span.stop] = value
+
+
+def _members(spans: Sequence[Span], num_buckets: int) -> list[list[int]]:
+    """The alphas of each bucket, in the order they lie in it."""
+    members: list[list[int]] = [[] for _ in range(num_buckets)]
+    for a, span in enumerate(spans):
+        members[span.bucket].append(a)
+    return members
 
 
 def _whole(parts: list[Tensor]) -> Optional[Tensor]:

@@ -180,14 +180,12 @@ def mltp_gradients(
         guard_lookahead: when ``g_i`` is not finite, run task j at ``w`` (``w' = w``, decided on the
             device) so that its forward pass, and BatchNorm's running statistics, never see
             non-finite weights; always on with ``loss_scale``.
-        foreach: ``True`` for the fused multi-tensor path, ``False`` for :func:`single_tensor_mltp`;
-            ``None`` takes the fused path wherever :func:`fast_path_applies`.
+        foreach: ``True`` for the fused multi-tensor path (plain dense tensors only), ``False`` for
+            :func:`single_tensor_mltp`; ``None`` takes the fused path wherever :func:`fast_path_applies`.
         workspace: what the fused path may keep between calls with the same tensors.
     """
     if foreach is None:
         foreach = fast_path_applies(params, alphas)
-    elif foreach and not fast_path_applies(params, alphas):
-        raise ValueError("foreach=True needs plain dense tensors; pass foreach=None or False")
     options = dict(
         alpha_grads=alpha_grads, loss_scale=loss_scale, average=average, guard_lookahead=guard_lookahead
     )

@@ -26,7 +26,7 @@ from .alphas import AlphaStore
 from .checkpoint import check_base_state, check_entry, snapshot
 from .constants import ALPHA_GROUP_KEY, MLTP_STATE_KEY
 from .distributed import GradientAverager, broadcast_from_first_rank, process_group_of
-from .functional import mltp_gradients
+from .functional import fast_path_applies, mltp_gradients
 from .nonfinite import NonfiniteState
 from .selection import Layer, Mode, resolve_mode, select_layers
 
@@ -55,12 +55,14 @@ class _StepState:
 
 class _Layout(NamedTuple):
     """A step's ``w`` (the trainable tensors of the weight groups), the indices of the shifted ones
-    in it, the alpha of each, the dtype of the gradients, and the fast path's workspace."""
+    in it, the alpha of each, the dtype of the gradients, the path that computes the step
+    (``foreach``) and the fast path's workspace."""
 
     params: list
     shifted: list
     alpha_of: list
     dtype: torch.dtype
+    foreach: bool
     workspace: Workspace
 
 
@@ -248,7 +250,7 @@ class MLTPOptimizer(torch.optim.Optimizer):
                 loss_scale=_loss_scale(layout, weight, scaler),
                 average=self._averager if global_tasks else None,
                 guard_lookahead=self.nonfinite == "skip",
-                foreach=self.foreach,
+                foreach=layout.foreach,
                 workspace=layout.workspace,
             )
         if self._averager is not None and not global_tasks:
@@ -349,15 +351,22 @@ class MLTPOptimizer(torch.optim.Optimizer):
                 return loss
         self._warn_if_not_mltp_gradients()
         resting = [a for a in range(len(self._alphas.spans)) if a not in self._state.alphas_with_gradient]
-        holding = (
-            self._alphas.hold(resting, self.base_optimizer.state) if self.learn_alpha and resting else None
-        )
-        with holding or nullcontext(), self._state.nonfinite.device_skip(self.base_optimizer):
-            self.base_optimizer.step()  # frozen layers' alphas are held where they are
+        if self.learn_alpha and resting:  # frozen layers' alphas are held where they are
+            with self._alphas.hold(resting, self.base_optimizer.state):
+                self._base_step()
+        else:
+            self._base_step()
         if self.alpha_min is not None and self.learn_alpha:
             self._alphas.clamp(self.alpha_min)
         self._state.stepped_since_zero_grad = True
         return loss
+
+    def _base_step(self) -> None:
+        if self._state.nonfinite.found_inf is None:
+            self.base_optimizer.step()
+            return
+        with self._state.nonfinite.device_skip(self.base_optimizer):
+            self.base_optimizer.step()
 
     def _warn_if_not_mltp_gradients(self) -> None:
         """A plain ``loss.backward(); opt.step()`` trains as the base optimizer alone: say so once."""
@@ -408,7 +417,7 @@ class MLTPOptimizer(torch.optim.Optimizer):
         """Derived when the weight groups or their tensors' ``requires_grad`` change, so that added
         groups and (un)freezing are honoured."""
         held = [p for g in self.param_groups if not g.get(ALPHA_GROUP_KEY) for p in g["params"]]
-        key = tuple((id(p), p.requires_grad) for p in held)
+        key = (*map(id, held), *[p.requires_grad for p in held])
         cache = self._cache
         if cache.layout is None or cache.layout_key != key:
             self._keep_alpha_group_last()
@@ -431,7 +440,11 @@ class MLTPOptimizer(torch.optim.Optimizer):
                 "MLTPOptimizer from a base optimizer that already holds them."
             )
         dtype = _promoted_dtype(params) if params else torch.float32
-        return _Layout(params, shifted, alpha_of, dtype, Workspace())
+        applies = fast_path_applies(params, self._alphas.values)
+        if self.foreach and not applies:
+            raise ValueError("foreach=True needs plain dense tensors; pass foreach=None or False")
+        foreach = applies if self.foreach is None else self.foreach
+        return _Layout(params, shifted, alpha_of, dtype, foreach, Workspace())
 
     # -- checkpoints and copies ----------------------------------------------------------------------
     def _settings(self) -> dict[str, Any]:
