@@ -73,7 +73,10 @@ def single_tensor_mltp(
     if average is not None:  # task i is the union of every process's task i
         loss_i, *g_i = average([loss_i, *g_i], [loss_i, *params])
     # line 4: w'_S = w_S - alpha * g_i,S (g_i unscaled); guarded: w' = w unless g_i,S is finite
-    g_shift, step_sizes = [_or_zeros(g_i[k], params[k]) for k in shifted], [alphas[a] / s for a in alpha_of]
+    g_shift, step_sizes = (
+        [_or_zeros(g_i[k], params[k]) for k in shifted],
+        [alphas[a].detach() / s for a in alpha_of],
+    )
     with torch.no_grad():
         w_shifted = [params[k] - alpha * g for k, alpha, g in zip(shifted, step_sizes, g_shift)]
         if guard_lookahead or loss_scale is not None:
