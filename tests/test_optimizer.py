@@ -485,15 +485,15 @@ def test_the_finiteness_check_finds_one_bad_entry_and_no_overflow(monkeypatch, l
     )
     assert nonfinite.first_nonfinite(result) == (None if bad is None else "dJ/dw[1]")
     assert nonfinite.finite_on_host(grads) == (bad is None)  # the fast check alone, no search
-    assert (not nonfinite.all_finite(nonfinite.quantities(result)).item()) == (bad is not None)
+    assert (not nonfinite.all_finite(nonfinite.checked_tensors(result)).item()) == (bad is not None)
     # the lookahead's guard (GradScaler, nonfinite="skip"): w' = w - alpha * g when g is finite, else w
     for direction in (grads, grads[1:]):
         weights = [torch.full_like(g, 2.0) for g in direction]
-        shifted = _multi_tensor.lookahead(
+        w_prime = _multi_tensor.lookahead(
             weights, direction, [torch.tensor(0.5)] * len(direction), finite=nonfinite.all_finite(direction)
         )
         expected = [w if bad is not None else w - 0.5 * g for w, g in zip(weights, direction)]
-        assert all(torch.equal(s, e) for s, e in zip(shifted, expected))
+        assert all(torch.equal(s, e) for s, e in zip(w_prime, expected))
 
 
 def test_freezing_a_selected_layer_and_adding_a_group_after_wrapping():

@@ -31,10 +31,10 @@ def build(seed, widths):
 
 
 def selection(model, chosen, alpha_per, seed):
-    """``shifted``, ``alphas`` and ``alpha_of`` for the chosen linear layers."""
+    """``selected``, ``alphas`` and ``alpha_of`` for the chosen linear layers."""
     params = list(model.parameters())
     gen = torch.Generator().manual_seed(seed)
-    shifted, alphas, alpha_of = [], [], []
+    selected, alphas, alpha_of = [], [], []
     linears = [m for m in model if isinstance(m, nn.Linear)]
     for n, layer in enumerate(linears):
         if n not in chosen:
@@ -43,9 +43,9 @@ def selection(model, chosen, alpha_per, seed):
             if alpha_per != "layer" or t == 0:
                 shape = tensor.shape if alpha_per == "element" else ()
                 alphas.append(0.05 + 0.05 * torch.rand(shape, generator=gen, dtype=torch.float64))
-            shifted.append(next(k for k, p in enumerate(params) if p is tensor))
+            selected.append(next(k for k, p in enumerate(params) if p is tensor))
             alpha_of.append(len(alphas) - 1)
-    return params, shifted, alphas, alpha_of
+    return params, selected, alphas, alpha_of
 
 
 @settings(max_examples=30, deadline=None)
@@ -68,7 +68,7 @@ def test_both_paths_compute_the_same_step(
 ):
     model = build(seed, widths)
     chosen = {n for n in chosen if n < len(widths) - 1} or {0}
-    params, shifted, alphas, alpha_of = selection(model, chosen, alpha_per, seed)
+    params, selected, alphas, alpha_of = selection(model, chosen, alpha_per, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(8, widths[0], generator=gen, dtype=torch.float64)
     y = torch.randint(0, widths[-1], (8,), generator=gen)
@@ -77,7 +77,7 @@ def test_both_paths_compute_the_same_step(
             lambda: F.cross_entropy(model(x[:4]), y[:4]),
             lambda: F.cross_entropy(model(x[4:]), y[4:]),
             params,
-            shifted,
+            selected,
             alphas,
             alpha_of,
             eta,

@@ -22,7 +22,7 @@ class MLTPGradients(NamedTuple):
 
     ``param_grads[k]`` is ``dJ/dw_k`` (``None`` when ``w_k`` is used by neither loss) and
     ``alpha_grads[a]`` is ``dJ/dalpha_a`` (``None`` when no tensor scaled by ``alpha_a`` was
-    shifted; the whole list is ``None`` when the alphas' gradients were not asked for).
+    selected; the whole list is ``None`` when the alphas' gradients were not asked for).
     With a ``loss_scale`` the gradients are scaled by it; ``objective``, ``loss_i`` and ``loss_j``
     never are.
     """

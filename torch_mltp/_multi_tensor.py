@@ -64,7 +64,7 @@ def multi_tensor_mltp(
     closure_i: Closure,
     closure_j: Closure,
     params: list[Tensor],
-    shifted: Sequence[int],
+    selected: Sequence[int],
     alphas: Sequence[Tensor],
     alpha_of: Sequence[int],
     eta: float,
@@ -80,49 +80,51 @@ def multi_tensor_mltp(
     with torch.enable_grad():
         loss_i = evaluate_loss(closure_i, "i")
         grads_i = differentiate(loss_i, params, loss_scale, "i", create_graph=not first_order)
-    shifted_params = [params[k] for k in shifted]
+    selected_params = [params[k] for k in selected]
     step_alphas = [alphas[a] for a in alpha_of]
     # From here on only values are combined (no_grad); g_i's graph serves the Hessian term alone.
     with torch.no_grad():
         # without create_graph the gradients carry no graph and need no detached copies of their handles
-        values_i = _owned(list(grads_i) if first_order else [_detached(g) for g in grads_i], params)
+        values_i = _writable(list(grads_i) if first_order else [_detached(g) for g in grads_i], params)
         if average is not None:
             loss_i, *values_i = average([loss_i.detach(), *values_i], [loss_i, *params])
-        g_shift = [g if (g := values_i[k]) is not None else torch.zeros_like(params[k]) for k in shifted]
+        g_selected = [g if (g := values_i[k]) is not None else torch.zeros_like(params[k]) for k in selected]
         inner_alphas, finite = step_alphas, None
         if loss_scale is not None or guard_lookahead:
-            finite = all_finite(g_shift)
+            finite = all_finite(g_selected)
         if loss_scale is not None:
             inner_alphas = _scaled_alphas(alphas, alpha_of, loss_scale.reciprocal())
-        storage = workspace.lookahead_storage(shifted_params) if workspace and first_order else None
-        w_shifted = lookahead(shifted_params, g_shift, inner_alphas, storage, finite)
+        storage = workspace.lookahead_storage(selected_params) if workspace and first_order else None
+        w_prime = lookahead(selected_params, g_selected, inner_alphas, storage, finite)
     # second order: each w'_k is freed once task j's backward pass is done with it
-    with torch.enable_grad(), swapped_storage(shifted_params, w_shifted, release_early=not first_order):
+    with torch.enable_grad(), swapped_storage(selected_params, w_prime, release_early=not first_order):
         loss_j = evaluate_loss(closure_j, "j")
         grads_j = differentiate(loss_j, params, loss_scale, "j", create_graph=False)
-    del w_shifted
+    del w_prime
 
     with torch.no_grad():
         if average is not None:
             loss_j, *grads_j = average([loss_j.detach(), *grads_j], [loss_j, *params])
         else:  # read only, unless the Hessian term's vectors take their storage
-            grads_j = list(grads_j) if first_order else _owned(list(grads_j), params)
+            grads_j = list(grads_j) if first_order else _writable(list(grads_j), params)
         scale = -eta if loss_scale is None else -eta / loss_scale
         alpha_result = None
         if alpha_grads:
-            h_shift = [h if (h := grads_j[k]) is not None else torch.zeros_like(params[k]) for k in shifted]
-            alpha_result = _alpha_gradients(h_shift, g_shift, alphas, alpha_of, scale, workspace)
-            del h_shift
-        param_grads = _combine(values_i, (grads_j, eta))  # g_i + eta * h_j, in g_i's buffers
-        if not first_order and shifted:
+            h_selected = [
+                h if (h := grads_j[k]) is not None else torch.zeros_like(params[k]) for k in selected
+            ]
+            alpha_result = _alpha_gradients(h_selected, g_selected, alphas, alpha_of, scale, workspace)
+            del h_selected
+        param_grads = _add_terms(values_i, (grads_j, eta))  # g_i + eta * h_j, in g_i's buffers
+        if not first_order and selected:
             # -eta * H_i[:, S] (alpha * h_j,S), accumulated into those buffers; the vectors take h_j's
             # storage, and a tensor that task i does not use has no Hessian row
-            present = [n for n, k in enumerate(shifted) if grads_j[k] is not None and grads_i[k] is not None]
+            present = [n for n, k in enumerate(selected) if grads_j[k] is not None and grads_i[k] is not None]
             if present:
-                vectors = [grads_j[shifted[n]] for n in present]
+                vectors = [grads_j[selected[n]] for n in present]
                 _scale_by(vectors, [step_alphas[n] for n in present])
                 torch._foreach_mul_(vectors, scale)
-                outputs = [grads_i[shifted[n]] for n in present]
+                outputs = [grads_i[selected[n]] for n in present]
                 del grads_i, grads_j  # the product frees each vector when it is used
                 param_grads = _accumulate_hessian_term(outputs, vectors, params, param_grads)
             if average is not None:  # the shared terms are equal everywhere: average the sum
@@ -220,7 +222,7 @@ def _by_size(tensors: Sequence[Tensor]) -> tuple[list[int], list[int]]:
     return large, [k for k in range(len(tensors)) if k not in taken]
 
 
-def _owned(grads: list[Optional[Tensor]], params: Sequence[Tensor]) -> list[Optional[Tensor]]:
+def _writable(grads: list[Optional[Tensor]], params: Sequence[Tensor]) -> list[Optional[Tensor]]:
     """Gradients that may be written in place: dense, and sharing storage with no other gradient.
 
     Autograd may return an expanded, stride-0 tensor (``loss + 0 * p.sum()``) or one tensor for
@@ -280,14 +282,14 @@ def _accumulate_hessian_term(
     with torch.enable_grad():
         pairs = [(g, v) for g, v in zip(grads_with_graph, vectors) if g.requires_grad]
         vectors.clear()
-        if not pairs:  # L_i is linear in the shifted parameters: the Hessian block is zero
+        if not pairs:  # L_i is linear in the selected parameters: the Hessian block is zero
             return targets
         inner = torch.stack([_inner_product(g, v) for g, v in pairs]).sum()
         del pairs
     try:
         if any(getattr(p, "_post_accumulate_grad_hooks", None) for p in params):
             terms = torch.autograd.grad(inner, params, allow_unused=True)
-            return _combine(targets, (terms, 1.0))
+            return _add_terms(targets, (terms, 1.0))
         saved = [p.grad for p in params]
         try:
             for param, target in zip(params, targets):
@@ -309,12 +311,12 @@ def _inner_product(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum()
 
 
-def _combine(
+def _add_terms(
     base: list[Optional[Tensor]], *terms: tuple[Sequence[Optional[Tensor]], float]
 ) -> list[Optional[Tensor]]:
     """``base[k] + sum(scale * term[k])`` per tensor, absent entries read as zero.
 
-    Accumulates into ``base`` (owned tensors, see :func:`_owned`) in place, one fused ``_foreach``
+    Accumulates into ``base`` (owned tensors, see :func:`_writable`) in place, one fused ``_foreach``
     call per term for the usual case where every entry is present.
     """
     combined = list(base)
@@ -329,8 +331,8 @@ def _combine(
 
 
 def _alpha_gradients(
-    h_shift: Sequence[Tensor],
-    g_shift: Sequence[Tensor],
+    h_selected: Sequence[Tensor],
+    g_selected: Sequence[Tensor],
     alphas: Sequence[Tensor],
     alpha_of: Sequence[int],
     scale: float | Tensor,
@@ -345,7 +347,7 @@ def _alpha_gradients(
     many tensors there are; the segments' lengths are kept in the ``workspace``.
     """
     grads: list[Optional[Tensor]] = [None] * len(alphas)
-    if not h_shift:
+    if not h_selected:
         return grads
     used = set(alpha_of)
     segmented = workspace.segmented if workspace is not None else None
@@ -353,30 +355,30 @@ def _alpha_gradients(
         segmented = (
             all(alphas[a].dim() == 0 for a in used)
             and all(a <= b for a, b in zip(alpha_of, alpha_of[1:]))
-            and len({h.device for h in h_shift}) == 1
+            and len({h.device for h in h_selected}) == 1
         )
         if workspace is not None:
             workspace.segmented = segmented
     if not segmented:
-        for h, g, a in zip(h_shift, g_shift, alpha_of):
+        for h, g, a in zip(h_selected, g_selected, alpha_of):
             product = torch.vdot(h.reshape(-1), g.reshape(-1)) if alphas[a].dim() == 0 else h * g
             grads[a] = product if grads[a] is None else grads[a] + product
         return [None if g is None else g * scale for g in grads]
-    large, small = _by_size(h_shift)
+    large, small = _by_size(h_selected)
     segments = workspace.segments if workspace is not None else None
     if segments is None:
         lengths = [0] * len(alphas)
         for n in small:
-            lengths[alpha_of[n]] += h_shift[n].numel()
-        segments = torch.tensor(lengths, device=h_shift[0].device)
+            lengths[alpha_of[n]] += h_selected[n].numel()
+        segments = torch.tensor(lengths, device=h_selected[0].device)
         if workspace is not None:
             workspace.segments = segments
-    small_products = torch._foreach_mul([h_shift[n] for n in small], [g_shift[n] for n in small])
-    products = torch.cat([p.reshape(-1) for p in small_products]) if small else h_shift[0].new_zeros(0)
+    small_products = torch._foreach_mul([h_selected[n] for n in small], [g_selected[n] for n in small])
+    products = torch.cat([p.reshape(-1) for p in small_products]) if small else h_selected[0].new_zeros(0)
     # unsafe: the lengths add up by construction, and checking them would synchronise with the device
     per_alpha = torch.segment_reduce(products, "sum", lengths=segments, unsafe=True)
     for n in large:
-        per_alpha[alpha_of[n]].add_(_inner_product(h_shift[n], g_shift[n]))  # += would copy it back
+        per_alpha[alpha_of[n]].add_(_inner_product(h_selected[n], g_selected[n]))  # += would copy it back
     values = (per_alpha * scale).unbind()
     return [values[a] if a in used else None for a in range(len(alphas))]
 

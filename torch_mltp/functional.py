@@ -52,7 +52,7 @@ def single_tensor_mltp(
     closure_i: Closure,
     closure_j: Closure,
     params: Sequence[Tensor],
-    shifted: Sequence[int],
+    selected: Sequence[int],
     alphas: Sequence[Tensor],
     alpha_of: Sequence[int],
     eta: float,
@@ -73,17 +73,17 @@ def single_tensor_mltp(
     if average is not None:  # task i is the union of every process's task i
         loss_i, *g_i = average([loss_i, *g_i], [loss_i, *params])
     # line 4: w'_S = w_S - alpha * g_i,S (g_i unscaled); guarded: w' = w unless g_i,S is finite
-    g_shift, step_sizes = (
-        [_or_zeros(g_i[k], params[k]) for k in shifted],
+    g_selected, step_sizes = (
+        [_or_zeros(g_i[k], params[k]) for k in selected],
         [alphas[a].detach() / s for a in alpha_of],
     )
     with torch.no_grad():
-        w_shifted = [params[k] - alpha * g for k, alpha, g in zip(shifted, step_sizes, g_shift)]
+        w_prime = [params[k] - alpha * g for k, alpha, g in zip(selected, step_sizes, g_selected)]
         if guard_lookahead or loss_scale is not None:
-            finite = torch.stack([torch.isfinite(g).all() for g in g_shift]).all()
-            w_shifted = [torch.where(finite, w, params[k]) for k, w in zip(shifted, w_shifted)]
+            finite = torch.stack([torch.isfinite(g).all() for g in g_selected]).all()
+            w_prime = [torch.where(finite, w, params[k]) for k, w in zip(selected, w_prime)]
     # line 5: L_j(w') and h_j = dL_j/dw at w'
-    with torch.enable_grad(), swapped_storage([params[k] for k in shifted], w_shifted):
+    with torch.enable_grad(), swapped_storage([params[k] for k in selected], w_prime):
         loss_j = evaluate_loss(closure_j, "j")
         h_j = list(differentiate(loss_j, params, loss_scale, "j", create_graph=False))
     loss_j = loss_j.detach()
@@ -93,7 +93,7 @@ def single_tensor_mltp(
     objective = loss_i + eta * loss_j
     # dJ/dalpha = -eta * <h_j, g_i> over the entries each alpha scales
     alpha_result: Optional[list] = [None] * len(alphas) if alpha_grads else None
-    for k, a, g in zip(shifted, alpha_of, g_shift) if alpha_grads else ():
+    for k, a, g in zip(selected, alpha_of, g_selected) if alpha_grads else ():
         product = _or_zeros(h_j[k], params[k]) * g * (-eta / s)
         product = product.sum() if alphas[a].dim() == 0 else product
         alpha_result[a] = product if alpha_result[a] is None else alpha_result[a] + product
@@ -102,7 +102,7 @@ def single_tensor_mltp(
     if not first_order:  # ... - eta * H_i[:, S] (alpha * h_j,S): one Hessian-vector product
         pairs = [
             (g_graph[k], -eta * alpha * h_j[k])
-            for k, alpha in zip(shifted, step_sizes)
+            for k, alpha in zip(selected, step_sizes)
             if g_graph[k] is not None and g_graph[k].requires_grad and h_j[k] is not None
         ]
         if pairs:
@@ -153,7 +153,7 @@ def mltp_gradients(
     closure_i: Closure,
     closure_j: Closure,
     params: Sequence[Tensor],
-    shifted: Sequence[int],
+    selected: Sequence[int],
     alphas: Sequence[Tensor],
     alpha_of: Sequence[int],
     eta: float,
@@ -171,9 +171,9 @@ def mltp_gradients(
     Args:
         closure_i, closure_j: forward passes on task i and task j returning scalar losses.
         params: the trainable tensors ``w`` (leaves the closures use).
-        shifted: indices into ``params`` of the lookahead set ``S``, in increasing order.
+        selected: indices into ``params`` of the lookahead set ``S``, in increasing order.
         alphas: the step-size tensors; ``alphas[alpha_of[n]]`` is the step size of
-            ``params[shifted[n]]`` and broadcasts against it (scalar or same shape).
+            ``params[selected[n]]`` and broadcasts against it (scalar or same shape).
         eta: weight of the task-j loss.
         first_order: take ``dw'/dw`` as the identity (MLTP_FO) instead of the exact Jacobian.
         alpha_grads: also return ``dJ/dalpha`` (skip it when alpha is a fixed hyperparameter).
@@ -192,7 +192,7 @@ def mltp_gradients(
     options = dict(
         alpha_grads=alpha_grads, loss_scale=loss_scale, average=average, guard_lookahead=guard_lookahead
     )
-    args = (closure_i, closure_j, list(params), shifted, alphas, alpha_of, eta, first_order)
+    args = (closure_i, closure_j, list(params), selected, alphas, alpha_of, eta, first_order)
     if foreach:
         return multi_tensor_mltp(*args, **options, workspace=workspace)
     return single_tensor_mltp(*args, **options)

@@ -49,7 +49,7 @@ class NonfiniteState:
         """Record one backward pass's verdict; ``True`` when the host found it non-finite (its
         gradients must then not be accumulated).  Raises ``FloatingPointError`` under ``"raise"``."""
         if on_device:
-            flag = (~all_finite(quantities(result))).float()  # read by the fused base step
+            flag = (~all_finite(checked_tensors(result))).float()  # read by the fused base step
             self.found_inf = flag if self.found_inf is None else torch.maximum(self.found_inf, flag)
             return False
         bad = first_nonfinite(result)
@@ -92,7 +92,7 @@ class NonfiniteState:
         self.found_inf = None
 
 
-def quantities(result: MLTPGradients) -> list[Tensor]:
+def checked_tensors(result: MLTPGradients) -> list[Tensor]:
     """``L_i``, ``L_j`` and the gradients of a step (the present ones)."""
     grads = [g for g in (*result.param_grads, *(result.alpha_grads or ())) if g is not None]
     return [result.loss_i, result.loss_j, *grads]
@@ -100,7 +100,7 @@ def quantities(result: MLTPGradients) -> list[Tensor]:
 
 def all_finite(tensors: Sequence[Tensor]) -> Tensor:
     """A device bool: every entry of ``tensors`` is finite (no host synchronisation)."""
-    return _extremes(tensors).isfinite().all()
+    return _bounds(tensors).isfinite().all()
 
 
 def finite_on_host(tensors: Sequence[Tensor]) -> bool:
@@ -109,12 +109,12 @@ def finite_on_host(tensors: Sequence[Tensor]) -> bool:
     On the CPU a sum decides the common case in one reduction: a NaN or an infinity propagates to it,
     so a finite sum means finite entries.  A sum that is not finite (a non-finite entry, or finite
     entries whose sum overflows), and an accelerator's tensors, are read exactly through
-    :func:`_extremes`."""
+    :func:`_bounds`."""
     if not tensors:
         return True
     if all(t.is_cpu for t in tensors) and math.isfinite(_sum(tensors)):
         return True
-    return bool(_extremes(tensors).isfinite().all().item())
+    return bool(_bounds(tensors).isfinite().all().item())
 
 
 def _sum(tensors: Sequence[Tensor]) -> float:
@@ -136,7 +136,7 @@ def _sum(tensors: Sequence[Tensor]) -> float:
 _ACCUMULATE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 
-def _extremes(tensors: Sequence[Tensor]) -> Tensor:
+def _bounds(tensors: Sequence[Tensor]) -> Tensor:
     """A short 1-D tensor whose entries are all finite exactly when every entry of ``tensors`` is.
 
     On an accelerator, one fused reduction: the largest magnitude per tensor (it cannot overflow, as a
@@ -161,7 +161,7 @@ def first_nonfinite(result: MLTPGradients) -> Optional[str]:
 
     One fused reduction decides the common, all-finite case; only a failure pays for a search.
     """
-    if finite_on_host(quantities(result)):
+    if finite_on_host(checked_tensors(result)):
         return None
     if not torch.isfinite(result.loss_i):
         return "L_i"

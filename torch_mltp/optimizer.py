@@ -54,12 +54,12 @@ class _StepState:
 
 
 class _Layout(NamedTuple):
-    """A step's ``w`` (the trainable tensors of the weight groups), the indices of the shifted ones
+    """A step's ``w`` (the trainable tensors of the weight groups), the indices of the selected ones
     in it, the alpha of each, the dtype of the gradients, the path that computes the step
     (``foreach``) and the fast path's workspace."""
 
     params: list
-    shifted: list
+    selected: list
     alpha_of: list
     dtype: torch.dtype
     foreach: bool
@@ -159,7 +159,7 @@ class MLTPOptimizer(torch.optim.Optimizer):
 
         layers, self._unheld_params = _held_layers(model, self.mode, base_optimizer)
         self._selected_layers = [layer.name for layer in layers]
-        self._alphas, self._shifted_params, self._alpha_of = _make_alphas(
+        self._alphas, self._selected_params, self._alpha_of = _make_alphas(
             layers, alpha_per, alpha_mean, alpha_std, self.alpha_min, learn_alpha
         )
         if self._averager is not None and self._averager.world_size > 1:
@@ -241,7 +241,7 @@ class MLTPOptimizer(torch.optim.Optimizer):
                 closure_i,
                 closure_j,
                 layout.params,
-                layout.shifted,
+                layout.selected,
                 self._alphas.values,
                 layout.alpha_of,
                 self._eta,
@@ -428,10 +428,10 @@ class MLTPOptimizer(torch.optim.Optimizer):
 
     def _derive_layout(self, params: list[Tensor]) -> _Layout:
         index_of = {id(p): k for k, p in enumerate(params)}
-        shifted, alpha_of = [], []
-        for param, alpha_index in zip(self._shifted_params, self._alpha_of):
+        selected, alpha_of = [], []
+        for param, alpha_index in zip(self._selected_params, self._alpha_of):
             if id(param) in index_of:
-                shifted.append(index_of[id(param)])
+                selected.append(index_of[id(param)])
                 alpha_of.append(alpha_index)
         if any(id(p) in index_of for p in self._unheld_params):
             self._warn_once(
@@ -444,7 +444,7 @@ class MLTPOptimizer(torch.optim.Optimizer):
         if self.foreach and not applies:
             raise ValueError("foreach=True needs plain dense tensors; pass foreach=None or False")
         foreach = applies if self.foreach is None else self.foreach
-        return _Layout(params, shifted, alpha_of, dtype, foreach, Workspace())
+        return _Layout(params, selected, alpha_of, dtype, foreach, Workspace())
 
     # -- checkpoints and copies ----------------------------------------------------------------------
     def _settings(self) -> dict[str, Any]:
@@ -591,17 +591,17 @@ def _held_layers(
 def _make_alphas(
     layers: list[Layer], alpha_per: str, mean: float, std: float, minimum: Optional[float], learn: bool
 ) -> tuple[AlphaStore, list[Tensor], list[int]]:
-    """One alpha per layer, tensor or element, drawn in order; each shifted tensor and its alpha's index."""
-    names, shapes, likes, shifted, alpha_of = [], [], [], [], []
+    """One alpha per layer, tensor or element, drawn in order; each selected tensor and its alpha's index."""
+    names, shapes, likes, selected, alpha_of = [], [], [], [], []
     for layer in layers:
         for n, (param_name, param) in enumerate(zip(layer.param_names, layer.params)):
             if alpha_per != "layer" or n == 0:
                 names.append(layer.name if alpha_per == "layer" else param_name)
                 shapes.append(param.shape if alpha_per == "element" else torch.Size())
                 likes.append(param)
-            shifted.append(param)
+            selected.append(param)
             alpha_of.append(len(names) - 1)
-    return AlphaStore(names, shapes, likes, mean, std, minimum, learn), shifted, alpha_of
+    return AlphaStore(names, shapes, likes, mean, std, minimum, learn), selected, alpha_of
 
 
 def _add_alpha_group(base: torch.optim.Optimizer, buckets: list[Tensor], lr: Any) -> None:
