@@ -111,6 +111,7 @@ def test_one_seed_smoke_of_every_phase(data_root, tmp_path, capsys, quick_figure
             assert entry["rho"]["value"] in confirm.RHO_GRID
             assert cost[model][key]["ratio"]["standard"] == 1.0
             assert set(cost[model][key]["seconds_per_step"]) == set(confirm.COST_PROCEDURES)
+    assert cost["about"]["steps"] == 1 and "torch" in cost["about"]["versions"]
     # the tuning runs held 10% out; the confirmatory runs train on everything, with the fresh seed
     tuning = json.loads((results / "comparisons" / "budget-cnn-n1000-1x" / "results.json").read_text())
     assert tuning["experiment"]["recipe"]["val_fraction"] == 0.1 and tuning["seeds"] == [0]

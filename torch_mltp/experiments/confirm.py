@@ -49,7 +49,7 @@ from .compare import CONFIDENCE
 from .recipes import TRAIN_SET_SIZES, recipe_for
 from .stats import holm, mean_std, non_inferiority_p, paired_difference
 from .study import Comparison, run_comparisons
-from .training import Experiment, TrainTally, build_model_for, build_optimizer, training_step
+from .training import Experiment, TrainTally, build_model_for, build_optimizer, training_step, versions
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +308,15 @@ def measure_cost(choices: dict, steps: int, rounds: int, data_root: str) -> dict
     """Seconds per training step of each of :data:`COST_PROCEDURES` at each chosen recipe, on the CPU with
     one thread: ``rounds`` rounds, each timing ``steps`` steps of every procedure in turn (after one
     warm-up step) on real batches; the median of the rounds, and its ratio to standard training's."""
-    data = load_dataset("mnist1d", data_root)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the runs train (the commands set one thread for MNIST-1D)
+    try:
+        return _measure_cost(choices, steps, rounds, load_dataset("mnist1d", data_root))
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _measure_cost(choices: dict, steps: int, rounds: int, data) -> dict:
     device = torch.device("cpu")
     cost = {}
     for model in MODELS:
@@ -609,6 +617,12 @@ def finish_phase(phase: str, args: argparse.Namespace) -> bool:
         cost = measure_cost(
             _read(root / "choices.json", "budget"), args.cost_steps, args.cost_rounds, args.data_root
         )
+        cost["about"] = {
+            "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "steps": args.cost_steps,
+            "rounds": args.cost_rounds,
+            "versions": versions(),
+        }
         _write(root / "cost.json", json.dumps(cost, indent=2) + "\n")
         return True
     if phase == "rho":
