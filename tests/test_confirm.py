@@ -146,3 +146,22 @@ def test_list_prints_a_phases_commands(capsys):
         "torch-mltp compare --dataset mnist1d --model mnist1d_cnn"
     )
     assert "--train-samples 1000 --batch-size 100 --epochs 600 --milestones --val-fraction 0.1" in lines[-1]
+
+
+def test_the_results_page_holds_the_plan_the_driver_runs():
+    page = (REPO / "docs" / "results.md").read_text()
+    plan = page[page.index("## Confirmatory study (pre-registered)") : page.index("## Epochs")]
+    for phase in confirm.PHASES:
+        assert f"\npython -m torch_mltp.experiments.confirm {phase}\n" in plan
+    assert tuple(range(100, 130)) == confirm.CONFIRM_SEEDS and "**Seeds.** 100-129: 30 seeds" in plan
+    assert tuple(range(10)) == confirm.TUNING_SEEDS and "tuning seeds 0-9" in plan
+    assert "ρ from {" + ", ".join(f"{rho:g}" for rho in confirm.RHO_GRID) + "}" in plan
+    assert f"margin of {confirm.MARGIN:g} points" in plan and f"level of {confirm.LEVEL:g}" in plan
+    assert f"--val-fraction {confirm.VAL_FRACTION:g}" in plan
+    assert confirm.BUDGET_SCALES == (0.5, 1.0, 2.0, 4.0) and "0.5, 1, 2 and 4 times" in plan
+    assert (
+        f"batch {confirm.AUTHORS_BATCH}, constant learning rate 1e-2, {confirm.AUTHORS_STEPS:,} steps" in plan
+    )
+    assert all(f"* **{h.name}:**" in plan for h in confirm.HYPOTHESES)
+    assert all(f"| {arm.name} |" in plan for arm in confirm.ARMS)
+    assert [model for model in confirm.MODELS if f"`{model}`" in plan] == list(confirm.MODELS)
