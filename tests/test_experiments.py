@@ -121,6 +121,7 @@ def test_procedures_map_to_the_papers_variants():
         "mltp_conv": "conv",
         "mltp_fc": "fc",
         "mltp_fo": "fo",
+        "sam": None,  # not the paper's: pytorch-optimizer's SAM, no MLTP wrapper
     }
 
 
@@ -161,7 +162,13 @@ def test_alpha_policies_and_the_alphas_learning_rate():
     assert alpha_learning_rate(own) == 1e-4 and own.param_groups[0]["lr"] == recipe.lr
     with pytest.raises(ExperimentError, match="--alpha-lr"):
         built("mltp", alpha_policy="fixed", alpha_lr=1e-4)
-    with pytest.raises(ExperimentError, match="learned, nonnegative, fixed"):
+    nonpositive = built(alpha_policy="nonpositive")  # N(-0, 1): the same draws, clamped at <= 0
+    assert (nonpositive.alpha_min, nonpositive.alpha_max) == (None, 0.0)
+    assert [alpha.item() for alpha in nonpositive.alphas.values()] == [min(value, 0.0) for value in drawn]
+    mirrored = built(alpha_policy="nonpositive", alpha_mean=1e-3, alpha_std=1e-3)
+    assert max(alpha.item() for alpha in mirrored.alphas.values()) <= 0.0
+    assert min(alpha.item() for alpha in mirrored.alphas.values()) < 0.0  # drawn from N(-1e-3, 1e-3)
+    with pytest.raises(ExperimentError, match="learned, nonnegative, nonpositive, fixed"):
         built("mltp", alpha_policy="frozen")
     assert type(built("standard", alpha_policy="frozen")) is torch.optim.Adam
 

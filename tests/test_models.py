@@ -49,6 +49,8 @@ EXPECTED_PARAMETERS = {
     # mnist1d MLPBase 40-100-100-10 and ConvBase (kernels 5, 3, 3; 25 channels; 25 * 5 features)
     "mnist1d_mlp": fc(40, 100) + fc(100, 100) + fc(100, 10),
     "mnist1d_cnn": (1 * 25 * 5 + 25) + 2 * (25 * 25 * 3 + 25) + fc(25 * 5, 10),
+    # 32 channels (kernels 5, 3, 3), averaged over positions: 32 features
+    "mnist1d_gap_cnn": (1 * 32 * 5 + 32) + 2 * (32 * 32 * 3 + 32) + fc(32, 10),
 }
 
 
@@ -66,6 +68,7 @@ def test_model_names():
         "resnet34",
         "mnist1d_mlp",
         "mnist1d_cnn",
+        "mnist1d_gap_cnn",
     )
 
 
@@ -169,6 +172,31 @@ def test_mnist1d_cnn_takes_flat_and_channel_signals():
     assert build_model("mnist1d_cnn", input_shape=(1, 40)).linear.in_features == 125
 
 
+def test_mnist1d_gap_cnn_averages_over_positions():
+    torch.manual_seed(0)
+    model = build_model("mnist1d_gap_cnn")
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv1d)]
+    assert [(c.out_channels, c.kernel_size[0], c.stride[0], c.padding[0]) for c in convs] == [
+        (32, 5, 1, 2),
+        (32, 3, 2, 1),
+        (32, 3, 2, 1),
+    ]
+    x = torch.randn(4, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(x.unsqueeze(1)))
+        # the classifier sees the mean over the 10 positions left of the third convolution
+        features = model.conv3(model.conv2(model.conv1(x.unsqueeze(1)).relu()).relu()).relu()
+        assert features.shape == (4, 32, 10) and torch.equal(features, model.features(x))
+        torch.testing.assert_close(model(x), model.linear(features.mean(dim=2)))
+        # a pattern moved by 4 positions (a multiple of the strides 2 x 2) in a zero signal: same output
+        pattern = torch.zeros(1, 40)
+        pattern[0, 12:20] = torch.randn(8)
+        torch.testing.assert_close(model(pattern), model(pattern.roll(4, dims=1)))
+        # any length: the average adapts
+        assert build_model("mnist1d_gap_cnn", input_shape=(64,))(torch.randn(2, 64)).shape == (2, 10)
+    assert isinstance(model.linear, nn.Linear) and model.linear.in_features == 32
+
+
 def test_num_classes_and_input_shape_override():
     with torch.no_grad():
         assert build_model("cnet2", num_classes=7)(torch.zeros(1, 3, 32, 32)).shape == (1, 7)
@@ -185,6 +213,7 @@ def test_num_classes_and_input_shape_override():
         ("cnet1", {"input_shape": (32, 32)}),
         ("resnet18", {"input_shape": (1, 64, 64)}),
         ("mnist1d_cnn", {"input_shape": (2, 40)}),
+        ("mnist1d_gap_cnn", {"input_shape": (2, 40)}),
         ("cnet1", {"num_classes": 0}),
         ("cnet1", {"num_classes": 2.5}),
     ],

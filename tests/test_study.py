@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from torch_mltp.experiments import compare as compare_module
 from torch_mltp.experiments import study
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,19 +43,6 @@ def test_the_study_grid():
         assert argv[argv.index("--baseline-dir") + 1] == f"runs/study/cnn-n{samples}"
         assert argv[argv.index("--alpha-policy") + 1] == "nonnegative" and "mnist1d_cnn" in argv
         assert ("--train-samples" in argv) == (samples == 1000)
-
-
-@pytest.fixture
-def quick_figures(monkeypatch):
-    """Figures as empty PNG headers: drawing 39 real ones would take most of the smoke test's time
-    (tests/test_plots.py and tests/test_cli.py draw real ones)."""
-
-    def write(result, path):
-        path.write_bytes(b"\x89PNG\r\n\x1a\n")
-        return path
-
-    for name in ("plot_accuracy", "plot_alphas", "plot_gradient_cosine"):
-        monkeypatch.setattr(compare_module, name, write)
 
 
 def test_one_seed_one_epoch_smoke_of_the_whole_study(data_root, tmp_path, capsys, quick_figures):

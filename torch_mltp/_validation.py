@@ -22,6 +22,7 @@ def check_settings(
     alpha_init: Any,
     alpha_lr: Any,
     alpha_min: Any,
+    alpha_max: Any,
     foreach: Any,
 ) -> tuple[float, float]:
     """Check the keyword settings; returns ``(mean, std)`` of the initial alphas."""
@@ -38,23 +39,35 @@ def check_settings(
                 "alpha_lr is the learning rate of learned alphas; with learn_alpha=False drop it"
             )
         check_real("alpha_lr", alpha_lr, positive=True)
-    if alpha_min is not None:
-        check_real("alpha_min", alpha_min, positive=False, allow_negative=True)
-    return _parse_alpha_init(alpha_init)
+    for name, bound in (("alpha_min", alpha_min), ("alpha_max", alpha_max)):
+        if bound is not None:
+            check_real(name, bound, positive=False, allow_negative=True)
+    if alpha_min is not None and alpha_max is not None and alpha_min > alpha_max:
+        raise ValueError(f"alpha_min must be <= alpha_max, got alpha_min={alpha_min}, alpha_max={alpha_max}")
+    return _parse_alpha_init(alpha_init, negative=alpha_max is not None and alpha_max <= 0)
 
 
-def _parse_alpha_init(alpha_init: Any) -> tuple[float, float]:
-    """``(mean, std)`` of the initial alphas; a negative mean is refused: a negative step size flips
-    the sign of eq. 5's alignment term, so MLTP would reward disagreement between the tasks."""
+def _parse_alpha_init(alpha_init: Any, negative: bool) -> tuple[float, float]:
+    """``(mean, std)`` of the initial alphas. A negative mean is refused unless ``negative`` (the alphas
+    are kept ``<= alpha_max <= 0``): a negative step size flips the sign of eq. 5's alignment term, so
+    MLTP would reward disagreement between the tasks, which only a user who asks for it should get."""
     if isinstance(alpha_init, (tuple, list)):
         if len(alpha_init) != 2:
             raise ValueError(f"alpha_init as a sequence must be (mean, std), got {alpha_init!r}")
         mean, std = alpha_init
-        check_real("alpha_init mean", mean, positive=False)
+        _check_mean("alpha_init mean", mean, negative)
         check_real("alpha_init std", std, positive=False)
         return float(mean), float(std)
-    check_real("alpha_init", alpha_init, positive=False)
+    _check_mean("alpha_init", alpha_init, negative)
     return float(alpha_init), 0.0
+
+
+def _check_mean(name: str, value: Any, negative: bool) -> None:
+    check_real(name, value, positive=False, allow_negative=True)
+    if value < 0 and not negative:
+        raise ValueError(
+            f"{name} must be >= 0, got {value} (a negative initial step size is allowed with alpha_max <= 0)"
+        )
 
 
 def check_real(name: str, value: Any, positive: bool, allow_negative: bool = False) -> None:

@@ -32,7 +32,8 @@ class AlphaStore:
     """The alphas of one optimizer: ``buckets`` (leaves the base optimizer updates) and ``views``.
 
     ``shapes[a]`` and ``likes[a]`` give alpha ``a``'s shape and the tensor whose device and dtype it
-    takes; values are drawn in order from ``N(mean, std)`` and clamped at ``minimum``.
+    takes; values are drawn in order from ``N(mean, std)`` and clamped to ``[minimum, maximum]``
+    (``None``: no bound).
     """
 
     def __init__(
@@ -43,6 +44,7 @@ class AlphaStore:
         mean: float,
         std: float,
         minimum: Optional[float],
+        maximum: Optional[float],
         learn: bool,
     ):
         kinds: dict[tuple[torch.device, torch.dtype], int] = {}
@@ -64,8 +66,7 @@ class AlphaStore:
         with torch.no_grad():
             for view in self.views.values():
                 view.normal_(mean, std) if std > 0 else view.fill_(mean)
-            if minimum is not None:
-                self.clamp(minimum)
+            self.clamp(minimum, maximum)
         for bucket in self.buckets:
             bucket.requires_grad_(learn)
 
@@ -88,9 +89,13 @@ class AlphaStore:
         """The alphas in order (views)."""
         return list(self.views.values())
 
-    def clamp(self, minimum: float) -> None:
+    def clamp(self, minimum: Optional[float], maximum: Optional[float]) -> None:
+        """Keep every alpha in ``[minimum, maximum]``; a ``None`` bound is not applied."""
         with torch.no_grad():
-            torch._foreach_clamp_min_(self.buckets, minimum)
+            if minimum is not None:
+                torch._foreach_clamp_min_(self.buckets, minimum)
+            if maximum is not None:
+                torch._foreach_clamp_max_(self.buckets, maximum)
 
     # -- gradients -----------------------------------------------------------------------------
     def bucket_gradients(self, grads: Sequence[Optional[Tensor]]) -> list[Optional[Tensor]]:

@@ -2,8 +2,8 @@
 
 The ``"mltp"`` entry holds the alphas' values and the settings that a resumed run must share (what
 the mode selected and whether it is first order, ``alpha_per``, ``learn_alpha``) or carries on
-(``eta``, ``alpha_min``, ``nonfinite``, ``skipped_steps``).  ``check_entry`` and ``check_base_state``
-look at the whole checkpoint before the optimizer changes anything.
+(``eta``, ``alpha_min``, ``alpha_max``, ``nonfinite``, ``skipped_steps``).  ``check_entry`` and
+``check_base_state`` look at the whole checkpoint before the optimizer changes anything.
 """
 
 from __future__ import annotations
@@ -44,11 +44,14 @@ def check_entry(saved: Any, settings: dict[str, Any], alphas: dict[str, Tensor])
     eta = saved["eta"]
     if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not math.isfinite(eta) or eta < 0:
         raise ValueError(f"the state dict's eta must be a finite number >= 0, got {eta!r}")
-    alpha_min = saved.get("alpha_min")
-    if alpha_min is not None and (
-        isinstance(alpha_min, bool) or not isinstance(alpha_min, numbers.Real) or not math.isfinite(alpha_min)
-    ):
-        raise ValueError(f"the state dict's alpha_min must be None or a finite number, got {alpha_min!r}")
+    bounds = [saved.get("alpha_min"), saved.get("alpha_max")]  # absent from entries written before them
+    for name, bound in zip(("alpha_min", "alpha_max"), bounds):
+        if bound is not None and (
+            isinstance(bound, bool) or not isinstance(bound, numbers.Real) or not math.isfinite(bound)
+        ):
+            raise ValueError(f"the state dict's {name} must be None or a finite number, got {bound!r}")
+    if None not in bounds and bounds[0] > bounds[1]:
+        raise ValueError(f"the state dict's alpha_min {bounds[0]} is above its alpha_max {bounds[1]}")
     if saved["nonfinite"] not in NONFINITE_POLICIES:
         raise ValueError(
             f"the state dict's nonfinite must be one of {NONFINITE_POLICIES}, got {saved['nonfinite']!r}"

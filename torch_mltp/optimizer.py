@@ -94,7 +94,7 @@ class MLTPOptimizer(torch.optim.Optimizer):
         eta: weight ``eta >= 0`` of the task-j loss.
         alpha_init: initial step size ``>= 0``: a float, or ``(mean, std)`` to draw each alpha
             from a normal distribution (the paper uses ``(1e-3, 1e-3)``; seed with
-            ``torch.manual_seed``).
+            ``torch.manual_seed``).  A negative value or mean is allowed with ``alpha_max <= 0``.
         mode: ``"full"`` (exact second order on all layers), ``"conv"`` / ``"fc"`` (lookahead only
             on convolution / ``nn.Linear`` layers), ``"fo"`` (all layers, first order), or a
             :class:`torch_mltp.Mode` for a custom selection.
@@ -105,6 +105,9 @@ class MLTPOptimizer(torch.optim.Optimizer):
             so schedulers move both together as in the paper).
         alpha_min: keep every alpha ``>= alpha_min`` (after every step, and at initialisation);
             ``None`` leaves them unconstrained as in the paper.
+        alpha_max: keep every alpha ``<= alpha_max`` in the same way (``alpha_min <= alpha_max``).
+            ``alpha_max=0.0`` with ``alpha_init=(-1e-3, 1e-3)`` mirrors the paper's start for
+            non-positive step sizes: the lookahead ``w - alpha * dL_i/dw`` then climbs task i's loss.
         nonfinite: ``"raise"`` a ``FloatingPointError`` on a non-finite loss or gradient, or
             ``"skip"`` the step and count it in ``skipped_steps``; either way nothing changes.
             With a ``GradScaler`` the scaler handles non-finite values instead.
@@ -138,6 +141,7 @@ class MLTPOptimizer(torch.optim.Optimizer):
         learn_alpha: bool = True,
         alpha_lr: Optional[float] = None,
         alpha_min: Optional[float] = None,
+        alpha_max: Optional[float] = None,
         nonfinite: str = "raise",
         tasks: str = "local",
         process_group: Optional[Any] = None,
@@ -148,11 +152,14 @@ class MLTPOptimizer(torch.optim.Optimizer):
         check_base_optimizer(base_optimizer)
         self.mode = resolve_mode(mode)
         check_model(model, self.mode)
-        settings = (alpha_per, nonfinite, tasks, learn_alpha, alpha_init, alpha_lr, alpha_min, foreach)
-        alpha_mean, alpha_std = check_settings(*settings)
+        bounds = (alpha_min, alpha_max)
+        alpha_mean, alpha_std = check_settings(
+            alpha_per, nonfinite, tasks, learn_alpha, alpha_init, alpha_lr, *bounds, foreach
+        )
         self.base_optimizer, self.eta = base_optimizer, eta
         self.alpha_per, self.learn_alpha = alpha_per, learn_alpha
         self.alpha_min = None if alpha_min is None else float(alpha_min)
+        self.alpha_max = None if alpha_max is None else float(alpha_max)
         self.nonfinite, self.tasks, self.foreach = nonfinite, tasks, foreach
         self._ddp_model = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
         self._averager = _averager(model, process_group, tasks)
@@ -160,7 +167,7 @@ class MLTPOptimizer(torch.optim.Optimizer):
         layers, self._unheld_params = _held_layers(model, self.mode, base_optimizer)
         self._selected_layers = [layer.name for layer in layers]
         self._alphas, self._selected_params, self._alpha_of = _make_alphas(
-            layers, alpha_per, alpha_mean, alpha_std, self.alpha_min, learn_alpha
+            layers, alpha_per, alpha_mean, alpha_std, (self.alpha_min, self.alpha_max), learn_alpha
         )
         if self._averager is not None and self._averager.world_size > 1:
             broadcast_from_first_rank(self._alphas.buckets, self._averager.process_group)
@@ -356,8 +363,8 @@ class MLTPOptimizer(torch.optim.Optimizer):
                 self._base_step()
         else:
             self._base_step()
-        if self.alpha_min is not None and self.learn_alpha:
-            self._alphas.clamp(self.alpha_min)
+        if (self.alpha_min is not None or self.alpha_max is not None) and self.learn_alpha:
+            self._alphas.clamp(self.alpha_min, self.alpha_max)
         self._state.stepped_since_zero_grad = True
         return loss
 
@@ -457,6 +464,7 @@ class MLTPOptimizer(torch.optim.Optimizer):
             "learn_alpha": self.learn_alpha,
             "eta": self.eta,
             "alpha_min": self.alpha_min,
+            "alpha_max": self.alpha_max,
             "nonfinite": self.nonfinite,
             "skipped_steps": self.skipped_steps,
         }
@@ -507,7 +515,8 @@ class MLTPOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             for name, alpha in self.alphas.items():
                 alpha.copy_(saved["alphas"][name])
-        self.eta, self.alpha_min, self.nonfinite = saved["eta"], saved.get("alpha_min"), saved["nonfinite"]
+        self.eta, self.nonfinite = saved["eta"], saved["nonfinite"]
+        self.alpha_min, self.alpha_max = saved.get("alpha_min"), saved.get("alpha_max")
         self.skipped_steps = saved["skipped_steps"]
         self._state.nonfinite.reset()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
@@ -525,6 +534,7 @@ class MLTPOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("alpha_max", None)  # pickled before alpha_max existed
         self._cache = _Cache()
         self._link_base()
 
@@ -589,7 +599,12 @@ def _held_layers(
 
 
 def _make_alphas(
-    layers: list[Layer], alpha_per: str, mean: float, std: float, minimum: Optional[float], learn: bool
+    layers: list[Layer],
+    alpha_per: str,
+    mean: float,
+    std: float,
+    bounds: tuple[Optional[float], Optional[float]],
+    learn: bool,
 ) -> tuple[AlphaStore, list[Tensor], list[int]]:
     """One alpha per layer, tensor or element, drawn in order; each selected tensor and its alpha's index."""
     names, shapes, likes, selected, alpha_of = [], [], [], [], []
@@ -601,7 +616,7 @@ def _make_alphas(
                 likes.append(param)
             selected.append(param)
             alpha_of.append(len(names) - 1)
-    return AlphaStore(names, shapes, likes, mean, std, minimum, learn), selected, alpha_of
+    return AlphaStore(names, shapes, likes, mean, std, *bounds, learn), selected, alpha_of
 
 
 def _add_alpha_group(base: torch.optim.Optimizer, buckets: list[Tensor], lr: Any) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import logging
 import math
@@ -28,7 +29,17 @@ from torch_mltp.models import MODEL_NAMES
 
 from . import distributed
 from .compare import compare, run_dir_name, write_outputs
-from .recipes import ALPHA_POLICIES, DEFAULT_MODELS, DEFAULT_SEEDS, MLTP_MODES, PROCEDURES, TABLES, recipe_for
+from .recipes import (
+    ALL_PROCEDURES,
+    ALPHA_POLICIES,
+    DEFAULT_MODELS,
+    DEFAULT_SEEDS,
+    MLTP_MODES,
+    PROCEDURES,
+    TABLES,
+    Recipe,
+    recipe_for,
+)
 from .reproduce import reproduce, table_rows
 from .training import DEFAULT_COSINE_EVERY, TASK_SCOPES, Experiment, ExperimentError, RunOptions, train_run
 
@@ -58,6 +69,7 @@ _seed = _checked(int, lambda value: 0 <= value < 2**32, "a seed from 0 to 2**32 
 _positive_float = _checked(float, lambda value: math.isfinite(value) and value > 0, "a positive number")
 _non_negative_float = _checked(float, lambda value: math.isfinite(value) and value >= 0, "a number >= 0")
 _momentum = _checked(float, lambda value: 0 <= value < 1, "a momentum from 0 up to (not including) 1")
+_fraction = _checked(float, lambda value: 0 < value < 1, "a fraction between 0 and 1 (both excluded)")
 
 MIN_MLTP_BATCH = 4
 """MLTP splits a batch into two tasks (a batch of 33 into 17 and 16): at least 2 samples each."""
@@ -78,6 +90,20 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="train on a fixed subset of N training samples, the same for every procedure and seed (the "
         "first N of one permutation drawn with a fixed seed; default: all)",
+    )
+    group.add_argument(
+        "--val-fraction",
+        type=_fraction,
+        metavar="F",
+        help="hold this part of the training samples (after --train-samples) out of training and report the "
+        "accuracy on it each epoch as val_acc: the same samples for every procedure and seed (default: none)",
+    )
+    group.add_argument(
+        "--steps-scale",
+        type=_positive_float,
+        metavar="X",
+        help="train X times as many epochs, every --milestones epoch scaled alike (rounded to whole epochs): "
+        "e.g. give standard training or SAM the measured cost of an MLTP run (default: 1)",
     )
     group.add_argument("--optimizer", choices=("adam", "sgd"))
     group.add_argument(
@@ -103,13 +129,18 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--alpha-policy",
         choices=ALPHA_POLICIES,
-        help="learned: as in the paper (default); nonnegative: learned, clamped at >= 0; "
-        "fixed: kept at their initial values",
+        help="learned: as in the paper (default); nonnegative: learned, clamped at >= 0; nonpositive: "
+        "learned, clamped at <= 0 and drawn from N(-mean, std); fixed: kept at their initial values",
     )
     group.add_argument(
         "--alpha-lr",
         type=_positive_float,
         help="learning rate of learned alphas (default: the same as --lr); the schedule scales both",
+    )
+    group.add_argument(
+        "--sam-rho",
+        type=_non_negative_float,
+        help="radius of SAM's neighbourhood (--procedure sam; default 0.05, pytorch-optimizer's)",
     )
 
 
@@ -235,7 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
         "again resumes it.",
     )
     _add_experiment_options(train)
-    train.add_argument("--procedure", choices=PROCEDURES, default="mltp", help="default: mltp")
+    train.add_argument(
+        "--procedure",
+        choices=ALL_PROCEDURES,
+        default="mltp",
+        help="default: mltp; sam: pytorch-optimizer's SAM around the recipe's optimizer",
+    )
     train.add_argument("--seed", type=_seed, default=0)
     train.add_argument(
         "--resume",
@@ -257,10 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--procedures",
         nargs="+",
-        choices=PROCEDURES,
+        choices=ALL_PROCEDURES,
         default=list(PROCEDURES),
         metavar="PROCEDURE",
-        help=f"default: all of {', '.join(PROCEDURES)}",
+        help=f"default: the paper's {', '.join(PROCEDURES)}; also sam",
     )
     compare.add_argument("--seeds", nargs="+", type=_seed, default=list(DEFAULT_SEEDS), help="default: 0 1 2")
     compare.add_argument(
@@ -346,6 +382,8 @@ def _recipe_overrides(args: argparse.Namespace) -> dict:
             "train_samples",
             "alpha_policy",
             "alpha_lr",
+            "sam_rho",
+            "val_fraction",
         )
     }
     if args.milestones is not None:
@@ -372,8 +410,13 @@ def _run_options(args: argparse.Namespace, log_epochs: bool) -> RunOptions:
 
 def _experiment(args: argparse.Namespace) -> Experiment:
     model = args.model or DEFAULT_MODELS[args.dataset]
-    recipe = recipe_for(args.dataset, model).replace(**_recipe_overrides(args))
+    recipe = _scaled(recipe_for(args.dataset, model).replace(**_recipe_overrides(args)), args)
     return Experiment(args.dataset, model, recipe, args.limit_train_batches, args.limit_test_batches)
+
+
+def _scaled(recipe: Recipe, args: argparse.Namespace) -> Recipe:
+    """The recipe with ``--steps-scale`` applied (after the other overrides)."""
+    return recipe if args.steps_scale is None else recipe.scaled(args.steps_scale)
 
 
 def _folder_value(value) -> str:
@@ -387,7 +430,7 @@ def default_out(args: argparse.Namespace, processes: distributed.Processes) -> P
     table), followed by every setting given on the command line that its runs depend on (recipe
     overrides, ``--limit-*``; under torchrun the number of processes and ``--tasks``), and for ``train``
     the procedure and seed. Two commands share a default folder only when one continues the other."""
-    settings = {**_recipe_overrides(args)}
+    settings = {**_recipe_overrides(args), "steps_scale": args.steps_scale}
     settings.update(limit_train_batches=args.limit_train_batches, limit_test_batches=args.limit_test_batches)
     if processes.distributed:
         settings.update(processes=processes.world_size, tasks=args.tasks)
@@ -429,6 +472,10 @@ def _run(args: argparse.Namespace) -> None:
         rows = table_rows(
             args.table, _recipe_overrides(args), args.limit_train_batches, args.limit_test_batches
         )
+        experiments = [
+            dataclasses.replace(row.experiment, recipe=_scaled(row.experiment.recipe, args)) for row in rows
+        ]
+        rows = [dataclasses.replace(row, experiment=experiment) for row, experiment in zip(rows, experiments)]
         results = reproduce(
             args.table,
             rows,

@@ -78,7 +78,8 @@ def summarize(
     difference to ``standard`` (same seed) with a 95% Student-t interval, a paired t-test and a sign-flip
     test. Per procedure also the training time per run (:func:`training_seconds`), the mean gradient
     cosine over training (:func:`mean_gradient_cosine`; ``None`` if a run did not measure it) with its
-    paired difference to ``standard``, and the runs whose alphas went negative (:func:`negative_alphas`)."""
+    paired difference to ``standard``, the runs whose alphas went negative (:func:`negative_alphas`), and
+    the final validation accuracy (``None`` without a validation split)."""
     metrics = [metric_name(k) for k in experiment.recipe.topk]
     summary = {}
     for procedure in procedures:
@@ -87,6 +88,7 @@ def summarize(
             "train_time_s": _spread([training_seconds(history) for history in histories]),
             "grad_cosine": _spread([mean_gradient_cosine(history) for history in histories]),
             "negative_alphas": negative_alphas(histories),
+            "val_acc": _spread([history[-1].get("val_acc") for history in histories]),
         }
     baseline_cosine = summary.get(BASELINE, {}).get("grad_cosine")
     for procedure in procedures:

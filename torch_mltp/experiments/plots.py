@@ -284,3 +284,128 @@ def plot_gradient_cosine(result: dict, path: Path) -> Optional[Path]:
     measured the gradient cosine."""
     figure = gradient_cosine_figure(result)
     return None if figure is None else _save(figure, path)
+
+
+# -- the confirmatory study ------------------------------------------------------------------------------
+
+
+def _mean_sd(values: Sequence[float]) -> tuple:
+    """Mean and sample standard deviation (0 for one value: no error bar)."""
+    array = np.asarray(values, dtype=float)
+    return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else 0.0
+
+
+def budget_figure(choices: dict):
+    """Standard training's final validation and test accuracy against its number of steps, one panel per
+    model and regime: the recipe's schedule scaled (lines) and the MNIST-1D authors' recipe (squares);
+    the chosen budget circled. Error bars: ± 1 sd over the tuning seeds."""
+    import matplotlib
+
+    panels = [(model, key, entry) for model, regimes in choices.items() for key, entry in regimes.items()]
+    with matplotlib.rc_context(FONTS):
+        figure, axes = _grid(len(panels))
+        for axis, (model, key, entry) in zip(axes, panels):
+            for colour, metric in (("C0", "val_acc"), ("C1", "test_acc")):
+                label = "validation" if metric == "val_acc" else "test"
+                scaled = [row for row in entry["rows"] if row["budget"] != "authors"]
+                points = [_mean_sd(row[metric]["per_seed"]) for row in scaled]
+                axis.errorbar(
+                    [row["steps"] for row in scaled],
+                    [mean for mean, _ in points],
+                    yerr=[sd for _, sd in points],
+                    color=colour,
+                    marker="o",
+                    capsize=3,
+                    label=f"{label}, recipe scaled",
+                )
+                for row in entry["rows"]:
+                    mean, sd = _mean_sd(row[metric]["per_seed"])
+                    if row["budget"] == "authors":
+                        axis.errorbar(
+                            row["steps"],
+                            mean,
+                            yerr=sd,
+                            color=colour,
+                            marker="s",
+                            capsize=3,
+                            linestyle="none",
+                            label=f"{label}, authors' recipe",
+                        )
+                    if row["budget"] == entry["budget"]["budget"] and metric == "val_acc":
+                        axis.plot(
+                            row["steps"],
+                            mean,
+                            marker="o",
+                            markersize=14,
+                            markerfacecolor="none",
+                            color="black",
+                            linestyle="none",
+                            label="chosen",
+                        )
+            axis.set_xscale("log")
+            axis.set_xlabel("training steps")
+            axis.set_ylabel("final accuracy (%)")
+            axis.set_title(f"{model}, {key}")
+        axes[0].legend()
+        seeds = len(panels[0][2]["rows"][0]["val_acc"]["per_seed"])
+        figure.suptitle(f"Standard training against its budget, mean ± 1 sd over {seeds} tuning seeds")
+    return figure
+
+
+def plot_budget_curves(choices: dict, path: Path) -> Path:
+    """Write :func:`budget_figure` to ``path``."""
+    return _save(budget_figure(choices), path)
+
+
+STANDARD_ARMS = ("standard", "standard at mltp_fo's cost", "standard at mltp's cost")
+
+
+def cost_figure(analysis: dict):
+    """Final test accuracy against the measured training time per run, one panel per model and regime: every
+    arm at its mean over the seeds with ± 1 sd error bars in both directions, standard training's arms
+    joined as a curve over their budgets."""
+    import matplotlib
+
+    panels = [
+        (model, key, result["arms"])
+        for model, regimes in analysis["families"].items()
+        for key, result in regimes.items()
+    ]
+    with matplotlib.rc_context(FONTS):
+        figure, axes = _grid(len(panels))
+        for axis, (model, key, arms) in zip(axes, panels):
+            points = {
+                name: (_mean_sd(arm["train_time_s"]), _mean_sd(arm["test_acc"])) for name, arm in arms.items()
+            }
+            curve = sorted((points[name] for name in STANDARD_ARMS), key=lambda point: point[0][0])
+            axis.plot(
+                [x for (x, _), _ in curve],
+                [y for _, (y, _) in curve],
+                color="grey",
+                linestyle="--",
+                label="standard over its budgets",
+            )
+            for index, (name, ((x, x_sd), (y, y_sd))) in enumerate(points.items()):
+                axis.errorbar(
+                    x,
+                    y,
+                    xerr=x_sd,
+                    yerr=y_sd,
+                    marker="os^v<>Dp"[index % 8],
+                    color=f"C{index % 10}",
+                    capsize=3,
+                    linestyle="none",
+                    label=name,
+                )
+            axis.set_xlabel("training time per run (s)")
+            axis.set_ylabel("final test accuracy (%)")
+            axis.set_title(f"{model}, {key}")
+        axes[0].legend(fontsize=8)
+        seeds = len(next(iter(panels[0][2].values()))["seeds"])
+        figure.suptitle(f"Accuracy against cost, mean ± 1 sd over {seeds} seeds")
+    return figure
+
+
+def plot_cost(analysis: dict, path: Path) -> Path:
+    """Write :func:`cost_figure` to ``path``."""
+    return _save(cost_figure(analysis), path)

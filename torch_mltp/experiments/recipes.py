@@ -8,11 +8,17 @@ that ``reproduce`` can print them next to the measured ones.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 PROCEDURES = ("standard", "mltp", "mltp_conv", "mltp_fc", "mltp_fo")
-"""Training procedures: the plain optimizer, and MLTP with the paper's variants (Sec. III-E)."""
+"""The paper's training procedures: the plain optimizer, and MLTP with its variants (Sec. III-E). A
+comparison without ``--procedures`` runs these."""
+
+ALL_PROCEDURES = (*PROCEDURES, "sam")
+"""Every procedure the experiments can train: the paper's, and sharpness-aware minimisation (SAM, from the
+``pytorch-optimizer`` package) around the recipe's optimizer, which also takes two gradients per step."""
 
 MLTP_MODES: Dict[str, Optional[str]] = {
     "standard": None,
@@ -20,20 +26,36 @@ MLTP_MODES: Dict[str, Optional[str]] = {
     "mltp_conv": "conv",
     "mltp_fc": "fc",
     "mltp_fo": "fo",
+    "sam": None,
 }
 """The ``MLTPOptimizer`` mode of each procedure (``None``: no MLTP wrapper)."""
 
-ALPHA_POLICIES = ("learned", "nonnegative", "fixed")
-"""How MLTP treats its step sizes: learned as in the paper, learned but kept >= 0, or kept at their initial
-values."""
+ALPHA_POLICIES = ("learned", "nonnegative", "nonpositive", "fixed")
+"""How MLTP treats its step sizes: learned as in the paper, learned but kept >= 0 (``alpha_min=0``), learned
+but kept <= 0 (``alpha_max=0``, drawn from the mirror image ``N(-alpha_mean, alpha_std)`` of the paper's
+start), or kept at their initial values."""
 
 MLTP_ONLY_FIELDS = ("alpha_mean", "alpha_std", "eta", "alpha_policy", "alpha_lr")
 """Recipe fields that only MLTP uses: standard training ignores them, so its runs are shared by recipes that
 differ in these fields alone."""
 
+SAM_ONLY_FIELDS = ("sam_rho",)
+"""Recipe fields that only SAM uses."""
+
+
+def unused_fields(procedure: str) -> Tuple[str, ...]:
+    """The recipe fields that a run of ``procedure`` does not depend on."""
+    unused = () if MLTP_MODES[procedure] is not None else MLTP_ONLY_FIELDS
+    return unused if procedure == "sam" else (*unused, *SAM_ONLY_FIELDS)
+
+
 TRAIN_SUBSET_SEED = 0
 """Seed of the one permutation of the training set whose first ``train_samples`` indices form the subset
 (the same for every procedure and run seed)."""
+
+VALIDATION_SEED = 1
+"""Seed of the one permutation of the (sub)set of training samples whose first ``val_fraction`` part is held
+out for validation (the same for every procedure and run seed)."""
 
 DEFAULT_SEEDS = (0, 1, 2)
 """The paper repeats every experiment three times."""
@@ -57,7 +79,8 @@ class Recipe:
     The learning rate is multiplied by ``lr_decay`` after each epoch in ``milestones``
     (``MultiStepLR``). MLTP splits each batch of ``batch_size`` into two tasks of half
     that size; alphas start as ``N(alpha_mean, alpha_std)``; ``eta`` weights task j.
-    ``topk`` lists the top-k test accuracies to report.
+    ``topk`` lists the top-k test accuracies to report. ``sam_rho`` is SAM's neighbourhood radius.
+    ``val_fraction`` holds that part of the training samples out of training, for validation.
     """
 
     optimizer: str
@@ -75,10 +98,23 @@ class Recipe:
     train_samples: Optional[int] = None
     alpha_policy: str = "learned"
     alpha_lr: Optional[float] = None
+    sam_rho: float = 0.05
+    val_fraction: Optional[float] = None
 
     def replace(self, **overrides) -> Recipe:
         """A copy with the given fields changed; ``None`` values are ignored."""
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def scaled(self, factor: float) -> Recipe:
+        """The same schedule stretched to ``factor`` times as many epochs: the number of epochs and every
+        milestone multiplied by ``factor`` and rounded to the nearest epoch (halves up), at least 1 epoch.
+        With a fixed number of steps per epoch, a run then takes ``factor`` times as many steps (up to the
+        rounding) and its learning rate drops at the same fractions of training."""
+        if not (math.isfinite(factor) and factor > 0):
+            raise ValueError(f"the steps scale must be a positive number, got {factor}")
+        epochs = max(1, math.floor(self.epochs * factor + 0.5))
+        milestones = tuple(math.floor(m * factor + 0.5) for m in self.milestones)
+        return dataclasses.replace(self, epochs=epochs, milestones=milestones)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

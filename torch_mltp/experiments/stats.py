@@ -122,3 +122,34 @@ def paired_difference(
     return PairedDifference(
         mean, mean - half_width, mean + half_width, n, confidence, p_t, flips.p_value, flips.draws
     )
+
+
+def holm(p_values: Sequence[Optional[float]]) -> list:
+    """Holm-Bonferroni adjusted p-values of one family, in the order given: the k-th smallest of m
+    p-values is multiplied by ``m - k + 1``, made non-decreasing along that order, and capped at 1. A
+    hypothesis is rejected at level ``a`` when its adjusted p-value is below ``a``; the family-wise error
+    rate is then at most ``a``. A missing p-value (``None``: no test was possible) counts as 1."""
+    values = [1.0 if p is None else float(p) for p in p_values]
+    if any(not 0.0 <= p <= 1.0 for p in values):
+        raise ValueError(f"p-values must lie in [0, 1], got {p_values}")
+    m = len(values)
+    adjusted = [1.0] * m
+    running = 0.0
+    for rank, index in enumerate(sorted(range(m), key=values.__getitem__)):
+        running = max(running, min(1.0, (m - rank) * values[index]))
+        adjusted[index] = running
+    return adjusted
+
+
+def non_inferiority_p(
+    baseline: Sequence[float], treatment: Sequence[float], margin: float
+) -> Optional[float]:
+    """One-sided paired t-test of ``mean(treatment - baseline) <= -margin`` against ``> -margin``: a small
+    p-value says the treatment is not worse than the baseline by ``margin`` or more. ``None`` with fewer
+    than two pairs or identical differences (no test)."""
+    if len(baseline) != len(treatment) or not baseline:
+        raise ValueError("non_inferiority_p needs two equally long, non-empty sequences (one value per seed)")
+    differences = np.asarray(treatment, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
+    if differences.size < 2 or np.ptp(differences) <= 1e-12 * np.abs(differences).max(initial=0.0):
+        return None
+    return float(stats.ttest_1samp(differences, -margin, alternative="greater").pvalue)

@@ -55,6 +55,7 @@ class Comparison:
     """The comparison whose standard runs this one shares (``--baseline-dir``)."""
     figures: bool = True
     """Copy the figures to the results folder too (else they stay in the runs folder)."""
+    seeds: Tuple[int, ...] = SEEDS
 
     def argv(self, runs_root: Path) -> List[str]:
         argv = [
@@ -67,7 +68,7 @@ class Comparison:
             *self.procedures,
             *self.settings,
             "--seeds",
-            *map(str, SEEDS),
+            *map(str, self.seeds),
             "--threads",
             "1",
         ]
@@ -196,6 +197,21 @@ def run_study(
 ) -> List[str]:
     """Run ``selected`` one after another, each followed by its summary, then the sweep tables whose
     summaries are complete; returns the names of the comparisons that failed."""
+    failed = run_comparisons(selected, runs_root, results_root, extra)
+    for sweep in SWEEPS:
+        table = sweep_table(sweep, results_root)
+        if table is not None:
+            folder = results_root / sweep.name
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "table.md").write_text(table)
+    return failed
+
+
+def run_comparisons(
+    selected: Sequence[Comparison], runs_root: Path, results_root: Path, extra: Sequence[str]
+) -> List[str]:
+    """Run ``selected`` one after another (``extra`` appended to each command), each followed by its
+    summary in ``results_root``; returns the names of the comparisons that failed."""
     failed = []
     for index, comparison in enumerate(selected, start=1):
         argv = [*comparison.argv(runs_root), *extra]
@@ -206,12 +222,6 @@ def run_study(
             failed.append(comparison.name)
             continue
         write_summary(runs_root / comparison.name, results_root / comparison.name, comparison.figures)
-    for sweep in SWEEPS:
-        table = sweep_table(sweep, results_root)
-        if table is not None:
-            folder = results_root / sweep.name
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "table.md").write_text(table)
     return failed
 
 

@@ -42,7 +42,7 @@ from torch_mltp.models import build_model
 from . import distributed
 from .distributed import SINGLE_PROCESS, Processes
 from .probes import gradient_cosine
-from .recipes import ALPHA_POLICIES, MLTP_MODES, MLTP_ONLY_FIELDS, TRAIN_SUBSET_SEED, Recipe
+from .recipes import ALPHA_POLICIES, MLTP_MODES, TRAIN_SUBSET_SEED, VALIDATION_SEED, Recipe, unused_fields
 from .runs import TENSORBOARD_DIR, ExperimentError, RunFolder, json_normal
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ __all__ = [
     "train_run",
     "training_step",
     "training_subset",
+    "validation_split",
 ]
 
 DEFAULT_COSINE_EVERY = 4
@@ -147,18 +148,39 @@ def describe_device(device: torch.device) -> str:
     return f"cpu ({threads} thread{'s' * (threads != 1)})"
 
 
+def _base_optimizer(recipe: Recipe) -> Tuple[type, dict]:
+    """The recipe's optimizer class and its settings."""
+    if recipe.optimizer == "adam":
+        return torch.optim.Adam, {"lr": recipe.lr, "weight_decay": recipe.weight_decay}
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD, {
+            "lr": recipe.lr,
+            "momentum": recipe.momentum,
+            "weight_decay": recipe.weight_decay,
+        }
+    raise ExperimentError(f"unknown optimizer {recipe.optimizer!r}; choose adam or sgd")
+
+
+def _sam(model: nn.Module, recipe: Recipe, kind: type, settings: dict) -> torch.optim.Optimizer:
+    """``pytorch_optimizer.SAM`` with the recipe's optimizer as its base and radius ``recipe.sam_rho``."""
+    try:
+        from pytorch_optimizer import SAM
+    except ImportError:
+        raise ExperimentError(
+            "--procedure sam needs the pytorch-optimizer package: pip install 'torch-mltp[vision]'"
+        ) from None
+    return SAM(model.parameters(), kind, rho=recipe.sam_rho, **settings)
+
+
 def build_optimizer(
     model: nn.Module, recipe: Recipe, procedure: str, tasks: str = "local"
 ) -> torch.optim.Optimizer:
-    """The recipe's optimizer over ``model``; MLTP procedures wrap it in ``MLTPOptimizer``."""
-    if recipe.optimizer == "adam":
-        base = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    elif recipe.optimizer == "sgd":
-        base = torch.optim.SGD(
-            model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
-        )
-    else:
-        raise ExperimentError(f"unknown optimizer {recipe.optimizer!r}; choose adam or sgd")
+    """The recipe's optimizer over ``model``; MLTP procedures wrap it in ``MLTPOptimizer``, ``sam`` in
+    ``pytorch_optimizer.SAM``."""
+    kind, settings = _base_optimizer(recipe)
+    if procedure == "sam":
+        return _sam(model, recipe, kind, settings)
+    base = kind(model.parameters(), **settings)
     mode = MLTP_MODES[procedure]
     if mode is None:
         return base
@@ -170,16 +192,18 @@ def build_optimizer(
         raise ExperimentError(
             "--alpha-lr is the learning rate of learned alphas: drop it with --alpha-policy fixed"
         )
+    nonpositive = recipe.alpha_policy == "nonpositive"
     try:
         return MLTPOptimizer(
             base,
             model,
             eta=recipe.eta,
-            alpha_init=(recipe.alpha_mean, recipe.alpha_std),
+            alpha_init=(-recipe.alpha_mean if nonpositive else recipe.alpha_mean, recipe.alpha_std),
             mode=mode,
             learn_alpha=recipe.alpha_policy != "fixed",
             alpha_lr=recipe.alpha_lr,
             alpha_min=0.0 if recipe.alpha_policy == "nonnegative" else None,
+            alpha_max=0.0 if nonpositive else None,
             tasks=tasks,
         )
     except ValueError as err:
@@ -207,6 +231,22 @@ def training_subset(dataset: Dataset, samples: Optional[int]) -> Dataset:
     return Subset(dataset, order[:samples].tolist())
 
 
+def validation_split(dataset: Dataset, fraction: Optional[float]) -> Tuple[Dataset, Optional[Dataset]]:
+    """``(train, validation)``: the validation part is the first ``round(fraction * len(dataset))`` indices
+    of one fixed permutation of ``dataset`` (seed :data:`.recipes.VALIDATION_SEED`, independent of the run
+    seed), the rest trains. ``None``: the whole data set trains, no validation part."""
+    if fraction is None:
+        return dataset, None
+    held_out = math.floor(fraction * len(dataset) + 0.5)
+    if not 0 < fraction < 1 or not 1 <= held_out <= len(dataset) - 2:
+        raise ExperimentError(
+            f"--val-fraction {fraction} of {len(dataset)} training samples leaves no validation sample or "
+            "fewer than 2 to train on"
+        )
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(VALIDATION_SEED)).tolist()
+    return Subset(dataset, sorted(order[held_out:])), Subset(dataset, sorted(order[:held_out]))
+
+
 def build_model_for(experiment: Experiment, data: DataSplits) -> nn.Module:
     """The experiment's model, shaped for ``data``."""
     try:
@@ -222,19 +262,36 @@ def check_procedures(experiment: Experiment, procedures, data: DataSplits) -> No
         build_optimizer(model, experiment.recipe, procedure)
 
 
-def training_step(optimizer: torch.optim.Optimizer, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor):
+def training_step(
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    perturbed_loss_fn: Optional[Callable] = None,
+):
     """One step on the batch ``(x, y)``; returns the minimised objective (detached).
 
     Standard: the loss of the whole batch. MLTP: ``J`` of eq. 4 with task i the first half of the
-    batch and task j the second half.
+    batch and task j the second half. SAM: the loss of the whole batch at the current weights; its step
+    (``pytorch_optimizer.SAM.step``) moves the weights up that gradient by ``rho``, takes the batch's
+    gradient there with ``perturbed_loss_fn`` (default ``loss_fn``), moves back and lets the base optimizer
+    step with that gradient.
     """
     optimizer.zero_grad()
     if isinstance(optimizer, MLTPOptimizer):
         return optimizer.step(*task_closures(loss_fn, x, y))
     loss = loss_fn(x, y)
     loss.backward()
-    optimizer.step()
+    if _is_sam(optimizer):
+        perturbed = loss_fn if perturbed_loss_fn is None else perturbed_loss_fn
+        optimizer.step(lambda: perturbed(x, y).backward())
+    else:
+        optimizer.step()
     return loss.detach()
+
+
+def _is_sam(optimizer: torch.optim.Optimizer) -> bool:
+    return type(optimizer).__name__ == "SAM" and type(optimizer).__module__.startswith("pytorch_optimizer")
 
 
 class TrainTally:
@@ -366,7 +423,7 @@ def train_one_epoch(
                 started = time.perf_counter()
                 tally.add_cosine(gradient_cosine(probed_model, _cross_entropy(probed_model), x, y))
                 probe_seconds += time.perf_counter() - started
-            tally.add_objective(training_step(optimizer, loss_fn, x, y))
+            tally.add_objective(training_step(optimizer, loss_fn, x, y, _cross_entropy(model)))
             bar.update()
             if progress and (index % 10 == 0 or index + 1 == total):
                 stats = tally.summary()
@@ -462,11 +519,11 @@ def versions() -> Dict[str, str]:
 def run_config(experiment: Experiment, procedure: str, seed: int, processes: Processes, tasks: str) -> dict:
     """The settings that determine a run's results (the number of epochs may grow on resume).
 
-    A standard run records the recipe's MLTP-only fields as ``None``: it does not use them.
+    A run records the recipe fields that its procedure does not use (:func:`.recipes.unused_fields`: a
+    standard run's MLTP and SAM settings) as ``None``.
     """
     config = {"experiment": experiment.to_dict(), "procedure": procedure, "seed": seed}
-    if MLTP_MODES[procedure] is None:
-        config["experiment"]["recipe"].update(dict.fromkeys(MLTP_ONLY_FIELDS))
+    config["experiment"]["recipe"].update(dict.fromkeys(unused_fields(procedure)))
     if processes.distributed:
         config["distributed"] = {"processes": processes.world_size, "tasks": tasks}
     return json_normal(config)
@@ -474,9 +531,7 @@ def run_config(experiment: Experiment, procedure: str, seed: int, processes: Pro
 
 def settings_ignored_by(procedure: str) -> Tuple[str, ...]:
     """Dotted names of the recipe settings that a run of ``procedure`` does not depend on."""
-    if MLTP_MODES[procedure] is not None:
-        return ()
-    return tuple(f"experiment.recipe.{name}" for name in MLTP_ONLY_FIELDS)
+    return tuple(f"experiment.recipe.{name}" for name in unused_fields(procedure))
 
 
 def _summary_writer_class():
@@ -613,7 +668,9 @@ def train_run(
     summary_writer = _summary_writer_class() if options.tensorboard and processes.is_main else None
     if data is None:
         data = load_dataset(experiment.dataset, options.data_root, download=options.download)
-    data = dataclasses.replace(data, train=training_subset(data.train, recipe.train_samples))
+    subset = training_subset(data.train, recipe.train_samples)
+    train, validation = validation_split(subset, recipe.val_fraction)
+    data = dataclasses.replace(data, train=train)
 
     seed_everything(seed)
     training = _build_training(experiment, procedure, data, device, processes, options.tasks)
@@ -638,11 +695,18 @@ def train_run(
     writer = None
     if summary_writer is not None:
         writer = summary_writer(log_dir=str(folder.path / TENSORBOARD_DIR), purge_step=(last_epoch or 0) + 1)
-    evaluation = evaluation_loader(
-        data.test, 2 * recipe.batch_size, processes, _workers(options, device), device.type == "cuda"
-    )
+    workers, pin = _workers(options, device), device.type == "cuda"
+    evaluation = evaluation_loader(data.test, 2 * recipe.batch_size, processes, workers, pin)
+    held_out = None
+    if validation is not None:
+        held_out = evaluation_loader(validation, 2 * recipe.batch_size, processes, workers, pin)
     for epoch in range((last_epoch or 0) + 1, recipe.epochs + 1):
         record = _train_epoch(experiment, procedure, seed, epoch, training, data, device, processes, options)
+        if held_out is not None:
+            metrics = evaluate(
+                training.model, held_out, device, (1,), experiment.limit_test_batches, processes
+            )
+            record.update(val_loss=metrics["test_loss"], val_acc=metrics["test_acc"])
         record.update(_timed_evaluation(training.model, evaluation, device, experiment, processes))
         history.append(record)
         checkpoint = training.checkpoint(epoch, processes)

@@ -3,7 +3,8 @@
 * ``cnet1`` .. ``cnet4``: CIFAR-10 networks of Deng & Zhang (section IV-A), 10 classes, input 3x32x32;
 * ``ccnet1`` .. ``ccnet4``: the same architectures for CIFAR-100 (section IV-B), 100 classes;
 * ``resnet18``, ``resnet34``: Tiny ImageNet (section IV-C), 200 classes, input 3x64x64, no first max-pool;
-* ``mnist1d_mlp``, ``mnist1d_cnn``: the MNIST-1D baselines of Greydanus & Steinbach, 10 classes, input (40,).
+* ``mnist1d_mlp``, ``mnist1d_cnn``: the MNIST-1D baselines of Greydanus & Steinbach, 10 classes, input (40,);
+* ``mnist1d_gap_cnn``: a small CNN with global average pooling over positions for MNIST-1D.
 
 Convolutions are ``nn.Conv2d``/``nn.Conv1d`` and fully connected layers ``nn.Linear`` throughout.
 """
@@ -14,7 +15,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from .mnist1d import MNIST1D_INPUT_SHAPE, build_mnist1d_cnn, build_mnist1d_mlp
+from .mnist1d import MNIST1D_INPUT_SHAPE, build_mnist1d_cnn, build_mnist1d_gap_cnn, build_mnist1d_mlp
 from .resnet import TINY_IMAGENET_INPUT_SHAPE, build_resnet
 from .vgg import CIFAR_INPUT_SHAPE, LAYER_SPECS, build_vgg
 
@@ -37,6 +38,7 @@ _REGISTRY: dict[str, tuple[Callable[[int, tuple[int, ...]], nn.Module], int, tup
     "resnet34": (_resnet(34), 200, TINY_IMAGENET_INPUT_SHAPE),
     "mnist1d_mlp": (build_mnist1d_mlp, 10, MNIST1D_INPUT_SHAPE),
     "mnist1d_cnn": (build_mnist1d_cnn, 10, MNIST1D_INPUT_SHAPE),
+    "mnist1d_gap_cnn": (build_mnist1d_gap_cnn, 10, MNIST1D_INPUT_SHAPE),
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
