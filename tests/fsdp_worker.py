@@ -125,6 +125,15 @@ def several_steps(alpha_per: str, rank: int) -> dict:
     return {"initial": initial, "trained": snapshot(model, opt)}
 
 
+def frozen_layer(alpha_per: str, rank: int) -> dict:
+    """A layer frozen after construction: its alphas rest while the others learn."""
+    model, opt = build(alpha_per, rank=rank)
+    model.hidden.requires_grad_(False)
+    initial = snapshot(model, opt)
+    train(alpha_per, rank, range(2), model, opt)
+    return {"initial": initial, "trained": snapshot(model, opt)}
+
+
 def mixed_precision(rank: int) -> dict:
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     model, opt = build("layer", rank=rank, mp_policy=policy)
@@ -164,6 +173,13 @@ def refusals() -> dict:
             messages[name] = None
         except ValueError as err:
             messages[name] = str(err)
+    only_root = make_model()
+    fully_shard(only_root)
+    try:  # a module inside the sharded root
+        MLTPOptimizer(torch.optim.Adam(only_root.parameters()), only_root.hidden, mode="fo")
+        messages["inner"] = None
+    except ValueError as err:
+        messages["inner"] = str(err)
     return messages
 
 
@@ -224,6 +240,7 @@ def main() -> None:
         for name, mode in MODES.items():
             results[f"{alpha_per}/{name}/step"] = one_step(alpha_per, mode, rank)
         results[f"{alpha_per}/trained"] = several_steps(alpha_per, rank)
+    results["frozen"] = {alpha_per: frozen_layer(alpha_per, rank) for alpha_per in ("layer", "element")}
     results["fixed_alphas"] = one_step("tensor", "fo", rank, learn_alpha=False)
     results["mixed_precision"] = mixed_precision(rank)
     results["resume"] = {

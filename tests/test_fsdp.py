@@ -102,6 +102,15 @@ def test_several_steps_stay_equal_to_one_process(ranks, alpha_per):
     assert all(torch.equal(first[k], second[k]) for k in first)  # the scalar alphas too
 
 
+@pytest.mark.parametrize("alpha_per", ["layer", "element"])
+def test_the_alphas_of_a_frozen_layer_rest(ranks, alpha_per):
+    saved = ranks[0]["frozen"][alpha_per]
+    initial, trained = saved["initial"], saved["trained"]
+    for name in initial:
+        unchanged = torch.equal(initial[name], trained[name])
+        assert unchanged == ("hidden" in name), name
+
+
 def test_bfloat16_mixed_precision_trains_close_to_float64(ranks):
     saved = ranks[0]["mixed_precision"]
     assert all(torch.isfinite(J) for J in saved["J"])
@@ -134,6 +143,7 @@ def test_second_order_modes_and_local_tasks_are_refused_with_what_works(ranks):
             and "first_order=True" in messages[mode]
         )
     assert messages["local"] is not None and "tasks='global'" in messages["local"]
+    assert messages["inner"] is not None and "the module that fully_shard was applied to" in messages["inner"]
 
 
 def test_failures_leave_weights_and_gradients_as_they_were(ranks):

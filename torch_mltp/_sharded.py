@@ -82,6 +82,12 @@ def sharded_step(
     model only partly sharded, a mesh of more than one dimension."""
     modules = fsdp_modules(model)
     if not modules:
+        dtensor = _dtensor_class() if dist.is_available() else None
+        if dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters()):
+            raise ValueError(
+                "the model's parameters are FSDP shards, but fully_shard was applied to no module inside "
+                "it: give MLTPOptimizer the module that fully_shard was applied to (the root)"
+            )
         return None
     if not mode.first_order:
         raise ValueError(
