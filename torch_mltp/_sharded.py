@@ -389,7 +389,8 @@ class ShardedCheckpoint:
     protocol of ``torch.distributed.checkpoint.stateful.Stateful``).  DCP loads into tensors that exist,
     so :meth:`state_dict` creates the base optimizer's state when it has none yet (a step with zero
     gradients and learning rate 0, undone at once) and records that it was empty; a checkpoint written
-    before the first step restores an optimizer without state.  Works as well without FSDP.
+    before the first step restores an optimizer without state.  Works as well for a model that is not
+    sharded.
     """
 
     def __init__(self, model: nn.Module, optimizer: Any):
