@@ -126,6 +126,35 @@ def resume(rank: int, out: Path) -> dict:
     }
 
 
+def batchnorm_statistics(rank: int, broadcast_buffers: bool) -> dict:
+    """Three MLTP steps and an evaluation forward pass: DDP broadcasts rank 0's buffers as it does in
+    plain training (when ``broadcast_buffers`` is set)."""
+    model = make_model(batchnorm=True)
+    ddp = DistributedDataParallel(model, find_unused_parameters=True, broadcast_buffers=broadcast_buffers)
+    opt = MLTPOptimizer(torch.optim.Adam(ddp.parameters(), lr=1e-2), ddp, mode="fo")
+    for step in range(3):
+        opt.zero_grad()
+        opt.step(*closures(ddp, *shard(step, rank)))
+    ddp.eval()
+    with torch.no_grad():
+        ddp(shard(7, rank)[0])
+    return {name: buffer.clone() for name, buffer in model.norm.named_buffers()}
+
+
+def inner_module_of_ddp(rank: int) -> dict:
+    """MLTPOptimizer given the module inside a DDP wrapper is refused; an unwrapped model is not."""
+    model = make_model()
+    ddp = DistributedDataParallel(model, find_unused_parameters=True)  # kept by the user
+    try:
+        MLTPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, mode="fo")
+        error = None
+    except ValueError as err:
+        error = str(err)
+    plain = make_model()
+    MLTPOptimizer(torch.optim.SGD(plain.parameters(), lr=0.1), plain, mode="fo")
+    return {"error": error, "wrapped": ddp is not None}
+
+
 def failing_closure(rank: int) -> dict:
     """Rank 1's closure raises: its weights are restored; rank 0 fails in the next collective."""
     group = dist.new_group(backend="gloo", timeout=timedelta(seconds=5))
@@ -168,6 +197,8 @@ def main() -> None:
             results[f"{tasks}/{name}/trained"] = snapshot(model, opt)
     results["plain_ddp"] = plain_ddp_step_after_mltp(rank)
     results["resume"] = resume(rank, out)
+    results["batchnorm"] = {flag: batchnorm_statistics(rank, flag) for flag in (True, False)}
+    results["inner_module"] = inner_module_of_ddp(rank)
     torch.save(results, out / f"rank{rank}.pt")  # before the failure scenario, which may break the group
     failure = failing_closure(rank)
     torch.save({**results, "failure": failure}, out / f"rank{rank}.pt")

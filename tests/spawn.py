@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -31,3 +33,39 @@ def torchrun(*args: str, cwd: Path, timeout: float, nproc: int = 2) -> subproces
     ]  # fmt: skip
     env = {**repo_env(), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+
+
+def run_ranks(worker: Path, out: Path, timeout: float, world_size: int = 2) -> list:
+    """Start ``python WORKER OUT`` as ``world_size`` processes of one gloo group on 127.0.0.1 (torchrun's
+    environment, one thread each) and wait for them; returns what each saved as ``OUT/rank{r}.pt``.
+    Raises ``RuntimeError`` with their output when one of them saved nothing."""
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": str(world_size),
+        "OMP_NUM_THREADS": "1",
+        "GLOO_SOCKET_IFNAME": "lo",
+        "PYTHONPATH": os.pathsep.join([str(worker.parent), str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(worker), str(out)],
+            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(world_size)
+    ]
+    outputs = []
+    try:
+        for process in processes:
+            outputs.append(process.communicate(timeout=timeout)[0])
+    finally:
+        for process in processes:
+            process.kill()
+    saved = [out / f"rank{rank}.pt" for rank in range(world_size)]
+    if not all(path.exists() for path in saved):
+        raise RuntimeError(f"the processes of {worker.name} failed:\n" + "\n".join(outputs))
+    return [torch.load(path, weights_only=False) for path in saved]

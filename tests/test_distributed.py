@@ -7,9 +7,6 @@ reads its scenario from what they saved.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from ddp_worker import MODES, SHARD, global_batch, make_model
 from mltp_reference import alphas_by_parameter, gradients
-from spawn import free_port
+from spawn import run_ranks
 
 from torch_mltp import MLTPOptimizer
 
@@ -28,37 +25,10 @@ TIMEOUT_S = 240
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """Run the two processes; returns what rank 0 and rank 1 saved."""
-    out = tmp_path_factory.mktemp("ddp")
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "WORLD_SIZE": "2",
-        "OMP_NUM_THREADS": "1",
-        "GLOO_SOCKET_IFNAME": "lo",
-        "PYTHONPATH": os.pathsep.join([str(WORKER.parent), os.environ.get("PYTHONPATH", "")]),
-    }
-    processes = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(out)],
-            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    outputs = []
     try:
-        for process in processes:
-            outputs.append(process.communicate(timeout=TIMEOUT_S)[0])
-    finally:
-        for process in processes:
-            process.kill()
-    saved = [out / f"rank{rank}.pt" for rank in range(2)]
-    if not all(path.exists() for path in saved):
-        pytest.fail("the DDP processes failed:\n" + "\n".join(outputs))
-    return [torch.load(path, weights_only=False) for path in saved]
+        return run_ranks(WORKER, tmp_path_factory.mktemp("ddp"), TIMEOUT_S)
+    except RuntimeError as err:
+        pytest.fail(str(err))
 
 
 def expected_step(tasks, mode, alphas):
@@ -142,6 +112,20 @@ def test_resume_from_a_rank0_checkpoint_is_bit_identical(ranks):
     for saved in ranks:
         resumed, uninterrupted = saved["resume"]["resumed"], saved["resume"]["uninterrupted"]
         assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
+
+def test_batchnorm_running_statistics_stay_equal_across_ranks_as_in_plain_ddp(ranks):
+    first, second = (saved["batchnorm"][True] for saved in ranks)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+    first, second = (saved["batchnorm"][False] for saved in ranks)  # broadcast_buffers=False is honoured
+    assert not torch.allclose(first["running_mean"], second["running_mean"], rtol=0, atol=1e-3)
+
+
+def test_the_module_inside_a_ddp_wrapper_is_refused_with_the_fix(ranks):
+    for saved in ranks:
+        error = saved["inner_module"]["error"]
+        assert error is not None and "MLTPOptimizer(base, ddp_model" in error
 
 
 def test_a_raising_closure_restores_its_rank_and_the_other_rank_fails_instead_of_hanging(ranks):

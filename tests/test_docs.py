@@ -1,5 +1,5 @@
 """Every Python block of the README, docs/training-loops.md and docs/integrations.md runs as written;
-the script of docs/distributed.md runs under ``torchrun --nproc_per_node=2`` on the CPU."""
+the scripts of docs/distributed.md (DDP and FSDP2) run under ``torchrun --nproc_per_node=2`` on the CPU."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def python_blocks(documents) -> list:
 
 
 def test_the_documents_have_python_blocks():
-    assert len(python_blocks(DOCUMENTS)) >= 7 and len(python_blocks(TORCHRUN_DOCUMENTS)) == 1
+    assert len(python_blocks(DOCUMENTS)) >= 7 and len(python_blocks(TORCHRUN_DOCUMENTS)) == 2
 
 
 @pytest.mark.parametrize("code", python_blocks(DOCUMENTS))
@@ -45,8 +45,13 @@ def test_python_block_runs_as_written(code, tmp_path, monkeypatch, request):
 
 @pytest.mark.parametrize("code", python_blocks(TORCHRUN_DOCUMENTS))
 def test_script_runs_under_torchrun_on_two_cpu_processes(code, tmp_path):
-    script = tmp_path / "train_ddp.py"
+    script = tmp_path / "train.py"
     script.write_text(code)
     done = torchrun(str(script), cwd=tmp_path, timeout=TIMEOUT_S)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert [line.split(":")[0] for line in done.stdout.splitlines()] == ["epoch 0", "epoch 1"]  # rank 0 only
+    printed = done.stdout.splitlines()
+    resumes = "ShardedCheckpoint" in code  # the FSDP2 script also saves a checkpoint and resumes from it
+    expected = ["epoch 0", "epoch 1"] + (["resumed"] if resumes else [])
+    assert [line.split(":")[0] for line in printed] == expected  # rank 0 only
+    if resumes:
+        assert printed[-1] == "resumed: the same weights True, the same alphas True"

@@ -73,3 +73,52 @@ def test_an_error_is_printed_once_by_process_0(tmp_path):
     assert ours == ["torch-mltp train: error: argument --lr: expected a positive number, got -0.1"]
     assert done.stderr.startswith(ours[0])  # before torchrun's own report of the failed processes
     assert not (tmp_path / "runs").exists()
+
+
+def fsdp_options(data_root: Path, epochs: int, *extra: str) -> list:
+    """``mltp_fo`` with the tasks left to their default (``global``, with ``--fsdp``)."""
+    shared = options(data_root, epochs, *extra)
+    at = shared.index("--procedure")
+    at_tasks = shared.index("--tasks")
+    shared[at + 1] = "mltp_fo"
+    del shared[at_tasks : at_tasks + 2]
+    return shared
+
+
+def test_fsdp_trains_as_ddp_with_global_tasks_does_and_resumes_exactly(data_root, tmp_path):
+    printed = train(tmp_path, "--fsdp", *fsdp_options(data_root, 2))
+    assert printed.count("mltp_fo seed 0 epoch 2/2") == 1
+    (whole,) = (tmp_path / "runs/train").glob("*,processes=2,tasks=global,fsdp=True/mltp_fo-seed0")
+    config = json.loads((whole / "config.json").read_text())
+    assert config["distributed"] == {"processes": 2, "tasks": "global", "fsdp": True}
+    records = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2] and not any("grad_cosine" in r for r in records)
+
+    resumed = tmp_path / "resumed"
+    train(tmp_path, "--fsdp", *fsdp_options(data_root, 1, "--out", str(resumed)))
+    train(tmp_path, "--fsdp", *fsdp_options(data_root, 2, "--out", str(resumed)))
+    whole_weights = torch.load(whole / "final.pt", weights_only=True)
+    resumed_weights = torch.load(resumed / "final.pt", weights_only=True)
+    assert whole_weights.keys() == resumed_weights.keys()
+    assert all(torch.equal(whole_weights[k], resumed_weights[k]) for k in whole_weights)
+
+    replicated = tmp_path / "ddp"  # the same math with the model replicated: equal up to float32 rounding
+    train(tmp_path, *fsdp_options(data_root, 2, "--tasks", "global", "--out", str(replicated)))
+    ddp_weights = torch.load(replicated / "final.pt", weights_only=True)
+    for name, weight in whole_weights.items():
+        torch.testing.assert_close(weight, ddp_weights[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_fsdp_refuses_what_it_cannot_train_with_the_options_that_work():
+    from torch_mltp.experiments import sharding
+    from torch_mltp.experiments.distributed import Processes
+    from torch_mltp.experiments.runs import ExperimentError
+
+    two = Processes(rank=0, world_size=2)
+    with pytest.raises(ExperimentError, match="--procedure mltp_fo"):
+        sharding.check("mltp", two, "global")
+    with pytest.raises(ExperimentError, match="--tasks global"):
+        sharding.check("mltp_fo", two, "local")
+    with pytest.raises(ExperimentError, match="torchrun --nproc_per_node"):
+        sharding.check("mltp_fo", Processes(), "global")
+    sharding.check("standard", two, "global")

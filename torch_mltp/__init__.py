@@ -10,6 +10,7 @@ The core (this package's top level) imports only torch::
 The stateless computation of one step is :mod:`torch_mltp.functional`.
 """
 
+from ._sharded import ShardedCheckpoint
 from .optimizer import MLTPOptimizer, MLTPStepResult, task_closures
 from .selection import CONV_TYPES, FC_TYPES, PAPER_MODES, Mode, select_layers
 
@@ -22,6 +23,7 @@ __all__ = [
     "MLTPOptimizer",
     "MLTPStepResult",
     "Mode",
+    "ShardedCheckpoint",
     "__version__",
     "select_layers",
     "task_closures",

@@ -60,14 +60,19 @@ def differentiate(
     try:
         return torch.autograd.grad(scaled, params, create_graph=create_graph, allow_unused=True)
     except RuntimeError as err:
-        if "backward through the graph a second time" in str(err):
-            raise RuntimeError(
-                f"closure_{task} must return its loss without calling .backward() on it: MLTP "
-                "differentiates the loss itself"
-            ) from err
+        raise_if_differentiated_twice(err, task)
         if create_graph:
             raise_if_not_twice_differentiable(err)
         raise
+
+
+def raise_if_differentiated_twice(err: RuntimeError, task: str) -> None:
+    """Re-raise autograd's failure to differentiate a loss that its closure already differentiated."""
+    if "backward through the graph a second time" in str(err):
+        raise RuntimeError(
+            f"closure_{task} must return its loss without calling .backward() on it: MLTP "
+            "differentiates the loss itself"
+        ) from err
 
 
 _DOUBLE_BACKWARD_FAILURES = ("derivative for", "double backward", "donated buffer", "not implemented")

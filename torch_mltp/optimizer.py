@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Optional, Union
 
@@ -11,7 +10,9 @@ import torch
 from torch import Tensor, nn
 
 from ._autograd import Closure, MLTPGradients
+from ._ddp import check_wrapper, unsynced
 from ._multi_tensor import Workspace
+from ._sharded import sharded_step
 from ._validation import (
     alpha_group_lr,
     check_backward_arguments,
@@ -111,10 +112,11 @@ class MLTPOptimizer(torch.optim.Optimizer):
         nonfinite: ``"raise"`` a ``FloatingPointError`` on a non-finite loss or gradient, or
             ``"skip"`` the step and count it in ``skipped_steps``; either way nothing changes.
             With a ``GradScaler`` the scaler handles non-finite values instead.
-        tasks: with a ``DistributedDataParallel`` model (or ``process_group``): ``"local"``, each
-            process's two tasks are its own and ``J`` is the mean of the processes' objectives;
-            ``"global"``, task i is the union of every process's first task, task j of every
-            second task.  See ``docs/distributed.md``.
+        tasks: with a ``DistributedDataParallel`` model (or ``process_group``): ``"local"`` (the
+            default), each process's two tasks are its own and ``J`` is the mean of the processes'
+            objectives; ``"global"``, task i is the union of every process's first task, task j of
+            every second task.  A model sharded with FSDP (``fully_shard``) takes ``"global"`` only,
+            and first-order modes.  See ``docs/distributed.md``.
         process_group: average over this group (default: the DDP model's; none for a plain model).
         foreach: ``None`` (default) computes a step with fused multi-tensor operations wherever they
             apply, ``False`` with the plain per-tensor code of
@@ -143,7 +145,7 @@ class MLTPOptimizer(torch.optim.Optimizer):
         alpha_min: Optional[float] = None,
         alpha_max: Optional[float] = None,
         nonfinite: str = "raise",
-        tasks: str = "local",
+        tasks: Optional[str] = None,
         process_group: Optional[Any] = None,
         foreach: Optional[bool] = None,
     ) -> None:
@@ -152,6 +154,8 @@ class MLTPOptimizer(torch.optim.Optimizer):
         check_base_optimizer(base_optimizer)
         self.mode = resolve_mode(mode)
         check_model(model, self.mode)
+        self._sharded = sharded_step(model, self.mode, tasks, process_group)  # FSDP2: see _sharded.py
+        tasks = tasks or ("global" if self._sharded else "local")
         bounds = (alpha_min, alpha_max)
         alpha_mean, alpha_std = check_settings(
             alpha_per, nonfinite, tasks, learn_alpha, alpha_init, alpha_lr, *bounds, foreach
@@ -162,12 +166,14 @@ class MLTPOptimizer(torch.optim.Optimizer):
         self.alpha_max = None if alpha_max is None else float(alpha_max)
         self.nonfinite, self.tasks, self.foreach = nonfinite, tasks, foreach
         self._ddp_model = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
-        self._averager = _averager(model, process_group, tasks)
+        self._averager = None if self._sharded else _averager(model, process_group, tasks)
+        check_wrapper(model, base_optimizer, process_group)
 
         layers, self._unheld_params = _held_layers(model, self.mode, base_optimizer)
         self._selected_layers = [layer.name for layer in layers]
+        store = self._sharded.make_alphas if self._sharded else AlphaStore
         self._alphas, self._selected_params, self._alpha_of = _make_alphas(
-            layers, alpha_per, alpha_mean, alpha_std, (self.alpha_min, self.alpha_max), learn_alpha
+            layers, alpha_per, alpha_mean, alpha_std, (self.alpha_min, self.alpha_max), learn_alpha, store
         )
         if self._averager is not None and self._averager.world_size > 1:
             broadcast_from_first_rank(self._alphas.buckets, self._averager.process_group)
@@ -240,10 +246,12 @@ class MLTPOptimizer(torch.optim.Optimizer):
         :meth:`step` changes nothing (and ``zero_grad`` cancels that).
         """
         check_backward_arguments(closure_i, closure_j, weight, scaler)
+        if self._sharded is not None:
+            return self._sharded.backward(self, closure_i, closure_j, weight, scaler)
         layout = self._layout()
         self._clear_stale_alpha_gradients(layout)
         global_tasks = self.tasks == "global"
-        with self._ddp_model.no_sync() if self._ddp_model is not None else nullcontext():
+        with unsynced(self._ddp_model):
             result = mltp_gradients(
                 closure_i,
                 closure_j,
@@ -605,6 +613,7 @@ def _make_alphas(
     std: float,
     bounds: tuple[Optional[float], Optional[float]],
     learn: bool,
+    store: Callable[..., Any] = AlphaStore,
 ) -> tuple[AlphaStore, list[Tensor], list[int]]:
     """One alpha per layer, tensor or element, drawn in order; each selected tensor and its alpha's index."""
     names, shapes, likes, selected, alpha_of = [], [], [], [], []
@@ -616,7 +625,7 @@ def _make_alphas(
                 likes.append(param)
             selected.append(param)
             alpha_of.append(len(names) - 1)
-    return AlphaStore(names, shapes, likes, mean, std, *bounds, learn), selected, alpha_of
+    return store(names, shapes, likes, mean, std, *bounds, learn), selected, alpha_of
 
 
 def _add_alpha_group(base: torch.optim.Optimizer, buckets: list[Tensor], lr: Any) -> None:

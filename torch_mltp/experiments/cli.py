@@ -170,7 +170,7 @@ def _add_run_options(parser: argparse.ArgumentParser, out: str, processes: bool 
         "--out",
         type=Path,
         help=f"output folder (default: {out}, where <settings> lists every recipe override and --limit-* "
-        "option given, e.g. ',epochs=1,lr=0.003', and under torchrun ',processes=N,tasks=T')",
+        "option given, e.g. ',epochs=1,lr=0.003', and under torchrun ',processes=N,tasks=T' (',fsdp=True'))",
     )
     group.add_argument(
         "--overwrite",
@@ -183,9 +183,9 @@ def _add_run_options(parser: argparse.ArgumentParser, out: str, processes: bool 
         group.add_argument(
             "--tasks",
             choices=TASK_SCOPES,
-            default="local",
             help="under torchrun: MLTP's two tasks are each process's halves of its batch (local, default) "
-            "or the unions of all processes' halves (global); see docs/distributed.md",
+            "or the unions of all processes' halves (global, the default and the only one with --fsdp); "
+            "see docs/distributed.md",
         )
         group.add_argument(
             "--dist-timeout",
@@ -281,6 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_recipe_options(train)
     _add_run_options(train, TRAIN_OUT)
+    train.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard the model over the processes with FSDP2 (fully_shard) instead of "
+        "replicating it with DDP; trains standard or mltp_fo with --tasks global, measures no gradient "
+        "cosine; see docs/distributed.md",
+    )
 
     compare = commands.add_parser(
         "compare",
@@ -402,10 +409,17 @@ def _run_options(args: argparse.Namespace, log_epochs: bool) -> RunOptions:
         log_epochs=log_epochs,
         overwrite=args.overwrite,
         require_checkpoint=getattr(args, "resume", False),
-        tasks=getattr(args, "tasks", "local"),
+        tasks=_tasks(args),
+        fsdp=getattr(args, "fsdp", False),
         cosine_every=args.cosine_every,
         command=args.command,
     )
+
+
+def _tasks(args: argparse.Namespace) -> str:
+    """``--tasks``, by default ``global`` with ``--fsdp`` and ``local`` otherwise."""
+    given = getattr(args, "tasks", None)
+    return given or ("global" if getattr(args, "fsdp", False) else "local")
 
 
 def _experiment(args: argparse.Namespace) -> Experiment:
@@ -433,7 +447,9 @@ def default_out(args: argparse.Namespace, processes: distributed.Processes) -> P
     settings = {**_recipe_overrides(args), "steps_scale": args.steps_scale}
     settings.update(limit_train_batches=args.limit_train_batches, limit_test_batches=args.limit_test_batches)
     if processes.distributed:
-        settings.update(processes=processes.world_size, tasks=args.tasks)
+        settings.update(
+            processes=processes.world_size, tasks=_tasks(args), fsdp=getattr(args, "fsdp", None) or None
+        )
     suffix = "".join(
         f",{name.replace('_', '-')}={_folder_value(value)}"
         for name, value in settings.items()

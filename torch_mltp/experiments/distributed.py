@@ -47,10 +47,10 @@ class Processes:
         if self.distributed:
             dist.barrier()
 
-    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The sum over processes of ``tensor`` (returned in place)."""
+    def sum(self, tensor: torch.Tensor, op: Any = None) -> torch.Tensor:
+        """The sum (or ``op``, a ``ReduceOp``) over processes of ``tensor`` (returned in place)."""
         if self.distributed:
-            dist.all_reduce(tensor)
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op)
         return tensor
 
     def share(self, value: Any) -> Any:

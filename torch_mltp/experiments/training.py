@@ -8,9 +8,10 @@ generator seeded by ``(seed, e)``, and each epoch's checkpoint holds the model, 
 the alphas), the scheduler and the torch / CUDA / Python / NumPy RNG states (of every process), so a
 run resumed from any epoch ends with the same weights as an uninterrupted one (bit-identical on CPU).
 
-Under ``torchrun`` the model is wrapped in ``DistributedDataParallel``, each process trains on its
-shard of every epoch (``DistributedSampler``) with the recipe's batch size, the metrics are summed
-over processes, and only the main process writes the run folder (:mod:`.runs`).
+Under ``torchrun`` the model is wrapped in ``DistributedDataParallel`` (or, with ``fsdp``, sharded with
+FSDP2's ``fully_shard``: :mod:`.sharding`), each process trains on its shard of every epoch
+(``DistributedSampler``) with the recipe's batch size, the metrics are summed over processes, and only
+the main process writes the run folder (:mod:`.runs`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from torch_mltp.constants import ALPHA_GROUP_KEY, TASK_SCOPES
 from torch_mltp.data import DataSplits, load_dataset
 from torch_mltp.models import build_model
 
-from . import distributed
+from . import distributed, sharding
 from .distributed import SINGLE_PROCESS, Processes
 from .probes import gradient_cosine
 from .recipes import ALPHA_POLICIES, MLTP_MODES, TRAIN_SUBSET_SEED, VALIDATION_SEED, Recipe, unused_fields
@@ -102,6 +103,9 @@ class RunOptions:
     """``--resume``: fail unless the run folder holds a checkpoint to continue from."""
     tasks: str = "local"
     """Under torchrun: MLTP's tasks per process (``local``) or over all processes (``global``)."""
+    fsdp: bool = False
+    """Under torchrun: shard the model with FSDP2 (``fully_shard``) instead of wrapping it in DDP
+    (first-order MLTP with ``tasks="global"``, or standard training; no gradient cosine)."""
     cosine_every: int = DEFAULT_COSINE_EVERY
     """Measure the gradient cosine of the two tasks (:func:`.probes.gradient_cosine`) before every
     ``cosine_every``-th training step of an epoch, starting with its first; 0: never. The measurement
@@ -446,13 +450,17 @@ def evaluate(
     topk: Tuple[int, ...],
     limit: Optional[int],
     processes: Processes = SINGLE_PROCESS,
+    lockstep: bool = False,
 ) -> Dict[str, float]:
     """Test loss and top-k accuracies (percent): ``test_acc`` is top-1, ``test_top5`` top-5.
 
     Under torchrun each process evaluates its share of the test set and the sums are combined.
+    ``lockstep`` (a model sharded with FSDP, whose forward pass is a collective): every process runs as
+    many forward passes as the process with the most batches, the extra ones on no sample.
     """
     model.eval()
     sums = torch.zeros(2 + len(topk), dtype=torch.float64, device=device)  # loss, samples, hits per k
+    batches = 0
     for x, y in itertools.islice(loader, limit):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = model(x)
@@ -460,6 +468,11 @@ def evaluate(
         sums[1] += len(y)
         hits = logits.topk(max(topk), dim=1).indices == y[:, None]
         sums[2:] += torch.stack([hits[:, :k].any(dim=1).sum() for k in topk]).double()
+        batches += 1
+    if lockstep:
+        most = processes.sum(torch.tensor([batches], device=device), op=torch.distributed.ReduceOp.MAX)
+        for _ in range(int(most.item()) - batches):
+            model(loader.dataset[0][0].unsqueeze(0)[:0].to(device))
     loss_sum, samples, *correct = processes.sum(sums).tolist()
     metrics = {"test_loss": loss_sum / samples}
     for k, count in zip(topk, correct):
@@ -516,7 +529,9 @@ def versions() -> Dict[str, str]:
     }
 
 
-def run_config(experiment: Experiment, procedure: str, seed: int, processes: Processes, tasks: str) -> dict:
+def run_config(
+    experiment: Experiment, procedure: str, seed: int, processes: Processes, tasks: str, fsdp: bool = False
+) -> dict:
     """The settings that determine a run's results (the number of epochs may grow on resume).
 
     A run records the recipe fields that its procedure does not use (:func:`.recipes.unused_fields`: a
@@ -526,6 +541,8 @@ def run_config(experiment: Experiment, procedure: str, seed: int, processes: Pro
     config["experiment"]["recipe"].update(dict.fromkeys(unused_fields(procedure)))
     if processes.distributed:
         config["distributed"] = {"processes": processes.world_size, "tasks": tasks}
+        if fsdp:
+            config["distributed"]["fsdp"] = True
     return json_normal(config)
 
 
@@ -589,23 +606,35 @@ class _Training:
     trained: nn.Module  # what the loop calls: the model, or its DistributedDataParallel wrapper
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    sharded: bool = False  # FSDP: the checkpoints gather the shards into whole tensors
+
+    def model_state(self) -> dict:
+        """The model's state dict (whole tensors; under FSDP a collective of every process)."""
+        return sharding.whole(self.model.state_dict()) if self.sharded else self.model.state_dict()
 
     def checkpoint(self, epoch: int, processes: Processes) -> Optional[dict]:
         """This epoch's checkpoint, on the main process; every process hands in its RNG states."""
         states = processes.gather(rng_states())
+        model, optimizer = self.model_state(), self.optimizer.state_dict()
+        if self.sharded:
+            optimizer = sharding.whole(optimizer)
         if not processes.is_main:
             return None
         return {
             "epoch": epoch,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model,
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "rng": states[0] if not processes.distributed else states,
         }
 
     def restore(self, checkpoint: dict, processes: Processes) -> None:
-        self.model.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if self.sharded:
+            sharding.load_model(self.model, checkpoint["model"])
+            sharding.load_optimizer(self.optimizer, checkpoint["optimizer"])
+        else:
+            self.model.load_state_dict(checkpoint["model"])
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         states = checkpoint["rng"]
         saved_processes = len(states) if isinstance(states, list) else 1
@@ -624,17 +653,20 @@ def _build_training(
     device: torch.device,
     processes: Processes,
     tasks: str,
+    fsdp: bool = False,
 ) -> _Training:
     model = build_model_for(experiment, data).to(device)
     trained = model
-    if processes.distributed:
+    if fsdp:
+        trained = sharding.shard(model, device, processes)
+    elif processes.distributed:
         device_ids = [device.index] if device.type == "cuda" else None
         trained = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     optimizer = build_optimizer(trained, experiment.recipe, procedure, tasks)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(
         optimizer, list(experiment.recipe.milestones), gamma=experiment.recipe.lr_decay
     )
-    return _Training(model, trained, optimizer, scheduler)
+    return _Training(model, trained, optimizer, scheduler, sharded=fsdp)
 
 
 def train_run(
@@ -659,9 +691,11 @@ def train_run(
     if options.cosine_every < 0:
         raise ExperimentError(f"cosine_every must be >= 0, got {options.cosine_every}")
     processes = distributed.current()
+    if options.fsdp:
+        sharding.check(procedure, processes, options.tasks)
     device = resolve_device(processes.device(options.device))
     folder = RunFolder(Path(run_dir))
-    config = run_config(experiment, procedure, seed, processes, options.tasks)
+    config = run_config(experiment, procedure, seed, processes, options.tasks, options.fsdp)
     last_epoch = _open_folder(folder, config, procedure, recipe.epochs, options, processes)
     if folder.finished(last_epoch, recipe.epochs):
         return RunResult(folder.path, procedure, seed, folder.history(last_epoch), reused=True)
@@ -673,7 +707,7 @@ def train_run(
     data = dataclasses.replace(data, train=train)
 
     seed_everything(seed)
-    training = _build_training(experiment, procedure, data, device, processes, options.tasks)
+    training = _build_training(experiment, procedure, data, device, processes, options.tasks, options.fsdp)
     if last_epoch is not None:
         training.restore(folder.load_checkpoint(), processes)
     history = folder.history(last_epoch)
@@ -707,7 +741,7 @@ def train_run(
                 training.model, held_out, device, (1,), experiment.limit_test_batches, processes
             )
             record.update(val_loss=metrics["test_loss"], val_acc=metrics["test_acc"])
-        record.update(_timed_evaluation(training.model, evaluation, device, experiment, processes))
+        record.update(_timed_evaluation(training, evaluation, device, experiment, processes))
         history.append(record)
         checkpoint = training.checkpoint(epoch, processes)
         if processes.is_main:
@@ -719,9 +753,10 @@ def train_run(
                 log.info("%s", _epoch_line(procedure, seed, record, recipe.epochs))
     if writer is not None:
         writer.close()
+    final_state = training.model_state()
     if processes.is_main:
         folder.finish(
-            training.model.state_dict(),
+            final_state,
             {**config, "epochs": recipe.epochs, "final": history[-1], "versions": versions()},
         )
     processes.barrier()  # the folder is complete before any process moves on
@@ -762,7 +797,7 @@ def _train_epoch(
             f"{procedure} seed {seed} epoch {epoch}/{recipe.epochs}",
             options.progress and processes.is_main,
             processes,
-            options.cosine_every,
+            0 if options.fsdp else options.cosine_every,
             training.model,  # outside a DistributedDataParallel wrapper: a measurement, no gradient sync
         )
     except FloatingPointError as err:
@@ -784,12 +819,21 @@ def _workers(options: RunOptions, device: torch.device) -> int:
 
 
 def _timed_evaluation(
-    model: nn.Module, loader: DataLoader, device: torch.device, experiment: Experiment, processes: Processes
+    training: _Training,
+    loader: DataLoader,
+    device: torch.device,
+    experiment: Experiment,
+    processes: Processes,
 ) -> dict:
-
     started = time.perf_counter()
     metrics = evaluate(
-        model, loader, device, experiment.recipe.topk, experiment.limit_test_batches, processes
+        training.model,
+        loader,
+        device,
+        experiment.recipe.topk,
+        experiment.limit_test_batches,
+        processes,
+        lockstep=training.sharded,
     )
     return {**metrics, "eval_time_s": time.perf_counter() - started}
 
