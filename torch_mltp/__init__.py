@@ -14,7 +14,7 @@ from ._sharded import ShardedCheckpoint
 from .optimizer import MLTPOptimizer, MLTPStepResult, task_closures
 from .selection import CONV_TYPES, FC_TYPES, PAPER_MODES, Mode, select_layers
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "CONV_TYPES",

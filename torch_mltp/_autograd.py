@@ -34,6 +34,16 @@ class MLTPGradients(NamedTuple):
     alpha_grads: Optional[list[Optional[Tensor]]]
 
 
+class MLTPStepResult(NamedTuple):
+    """The objective ``J`` of the last backward pass (eq. 4), its two losses, and whether it was
+    non-finite and will be skipped (always ``False`` with a ``GradScaler``, which decides itself)."""
+
+    objective: Tensor
+    loss_i: Tensor
+    loss_j: Tensor
+    skipped: bool
+
+
 def evaluate_loss(closure: Closure, task: str) -> Tensor:
     """Run a task's closure and check that it returned a differentiable scalar."""
     loss = closure()

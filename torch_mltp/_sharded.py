@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._autograd import MLTPGradients, evaluate_loss, raise_if_differentiated_twice
+from ._autograd import MLTPGradients, MLTPStepResult, evaluate_loss, raise_if_differentiated_twice
 from .alphas import AlphaStore
 from .distributed import broadcast_from_first_rank
 from .selection import Mode, unwrap_model
@@ -151,8 +151,6 @@ class ShardedStep:
     def backward(self, opt: Any, closure_i: Any, closure_j: Any, weight: float, scaler: Any) -> Tensor:
         """:meth:`MLTPOptimizer.backward` for a sharded model: accumulate ``weight * dJ/dw`` into the
         weights' ``.grad`` and ``weight * dJ/dalpha`` into the alphas', and return ``J``."""
-        from .optimizer import MLTPStepResult
-
         if scaler is not None:
             raise ValueError(
                 "a GradScaler is not supported under FSDP: train in bfloat16 with fully_shard(..., "
@@ -164,8 +162,8 @@ class ShardedStep:
         g_i, h_j, loss_i, loss_j = self._two_passes(
             closure_i, closure_j, layout, alphas, guard=opt.nonfinite == "skip"
         )
-        sums, alpha_grads = _alpha_gradients(g_i, h_j, layout, alphas, eta * weight)
-        grads = [_total(g, h, eta, weight) for g, h in zip(g_i, h_j)]
+        sums, alpha_grads = _local_alpha_gradients(g_i, h_j, layout, alphas, eta * weight)
+        grads = [_combined_in_place(g, h, eta, weight) for g, h in zip(g_i, h_j)]
         per_element = any(a.dim() for a in alphas)
         checked = grads + (alpha_grads if per_element else [])
         device = loss_i.device  # where the model computes (the shards may be offloaded to the CPU)
@@ -241,7 +239,7 @@ class ShardedStep:
         return bad == 0
 
 
-def _alpha_gradients(
+def _local_alpha_gradients(
     g_i: list, h_j: list, layout: Any, alphas: list[Tensor], scale: float
 ) -> tuple[Tensor, list]:
     """This process's part of ``dJ/dalpha = -eta <h_j, g_i>`` (times ``weight``; ``scale = eta * weight``):
@@ -298,7 +296,9 @@ def _local_or_zeros(grad: Optional[Tensor], param: Tensor) -> Tensor:
     return torch.zeros_like(local(param)) if grad is None else local(grad)
 
 
-def _total(g: Optional[Tensor], h: Optional[Tensor], eta: float, weight: float) -> Optional[Tensor]:
+def _combined_in_place(
+    g: Optional[Tensor], h: Optional[Tensor], eta: float, weight: float
+) -> Optional[Tensor]:
     """``weight * (g + eta * h)`` in the storage of ``g`` (or ``h``); ``None`` when neither exists."""
     if g is None and h is None:
         return None

@@ -9,7 +9,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ._autograd import Closure, MLTPGradients
+from ._autograd import Closure, MLTPGradients, MLTPStepResult
 from ._ddp import check_wrapper, unsynced
 from ._multi_tensor import Workspace
 from ._sharded import sharded_step
@@ -30,16 +30,6 @@ from .distributed import GradientAverager, broadcast_from_first_rank, process_gr
 from .functional import fast_path_applies, mltp_gradients
 from .nonfinite import NonfiniteState
 from .selection import Layer, Mode, resolve_mode, select_layers
-
-
-class MLTPStepResult(NamedTuple):
-    """The objective ``J`` of the last backward pass (eq. 4), its two losses, and whether it was
-    non-finite and will be skipped (always ``False`` with a ``GradScaler``, which decides itself)."""
-
-    objective: Tensor
-    loss_i: Tensor
-    loss_j: Tensor
-    skipped: bool
 
 
 @dataclass
