@@ -304,8 +304,7 @@ class MLTPOptimizer(torch.optim.Optimizer):
             )
             for bucket in self._alphas.buckets:
                 bucket.grad = None
-            state.alphas_with_gradient.clear()
-            self._alphas.publish_gradients(state.alphas_with_gradient)
+            self._forget_alpha_gradients()
 
     # -- the step -----------------------------------------------------------------------------
     def step(  # type: ignore[override]
@@ -400,8 +399,12 @@ class MLTPOptimizer(torch.optim.Optimizer):
         state = self._state
         state.nonfinite.reset()
         state.backward_since_zero_grad = state.stepped_since_zero_grad = False
-        state.alphas_with_gradient.clear()
-        self._alphas.publish_gradients(state.alphas_with_gradient)
+        self._forget_alpha_gradients()
+
+    def _forget_alpha_gradients(self) -> None:
+        """No alpha has a gradient any more: their views' ``.grad`` is ``None``."""
+        self._state.alphas_with_gradient.clear()
+        self._alphas.publish_gradients(self._state.alphas_with_gradient)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the base optimizer; it is trained, not shifted, and the alphas' group stays last."""
