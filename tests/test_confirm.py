@@ -137,6 +137,17 @@ def test_one_seed_smoke_of_every_phase(data_root, tmp_path, capsys, quick_figure
     (results / "cnn.md").unlink()
     assert confirm.main(["report", *argv]) == 0 and (results / "cnn.md").exists()
     assert not (runs / "report").exists()
+    # a family is analysed as soon as its own runs are done
+    for path in (results / "cnn.md", results / "gap_cnn.md", results / "results.json"):
+        path.unlink()
+    (results / "comparisons" / "gap_cnn-n1000-sam-cost-mltp_fo" / "results.json").unlink()
+    capsys.readouterr()
+    assert confirm.main(["report", *argv]) == 0
+    assert (results / "cnn.md").exists() and not (results / "gap_cnn.md").exists()
+    analysis = json.loads((results / "results.json").read_text())
+    assert set(analysis["families"]) == {"mnist1d_cnn"} and analysis["pending"] == ["mnist1d_gap_cnn"]
+    printed = capsys.readouterr().out
+    assert "runs missing for mnist1d_gap_cnn" in printed and "not every comparison is done" in printed
 
 
 def test_list_prints_a_phases_commands(capsys):

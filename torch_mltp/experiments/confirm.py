@@ -18,6 +18,9 @@ wrote under ``--results-root`` (default ``docs/results/confirm``) and ends with 
   (``<model>.md``, ``results.json``) and the cost figure (``cost.png``).
 * ``report``: the analysis and the figure again, from the summaries alone (no training).
 
+A family's analysis is written as soon as all of its runs are done: its correction involves only its own
+hypotheses. ``results.json`` names the families still ``pending``.
+
 ``all`` runs the phases in order. Every run goes to ``--runs-root`` (default ``runs/confirm``): running a
 phase again reuses finished runs and resumes interrupted ones. ``--shard K/N`` runs every N-th comparison
 of a phase from the K-th (1-based), so that N processes share a phase; the summary of a phase is written
@@ -435,27 +438,43 @@ def _verdict(entry: dict) -> str:
     return "supported" if entry["mean"] > 0 else "reversed"
 
 
-def analyse(results_root: Path) -> Optional[dict]:
-    """Every family's hypotheses (Holm-Bonferroni over the family's regimes and hypotheses) and secondary
-    comparisons; ``None`` while a summary is missing."""
-    families = {}
+def analyse_family(results_root: Path, model: str) -> Optional[dict]:
+    """One family's hypotheses (Holm-Bonferroni over its regimes and hypotheses) and secondary comparisons,
+    per regime; ``None`` while one of its summaries is missing."""
+    regimes = {}
+    for samples in SAMPLES:
+        arms = arm_values(results_root, model, samples)
+        if arms is None:
+            return None
+        regimes[regime(samples)] = {
+            "arms": arms,
+            "hypotheses": [_comparison(arms, h) for h in HYPOTHESES],
+            "secondary": [_comparison(arms, h) for h in SECONDARY],
+        }
+    family = [entry for result in regimes.values() for entry in result["hypotheses"]]
+    for entry, adjusted in zip(family, holm([entry["p"] for entry in family])):
+        entry["p_holm"] = adjusted
+        entry["verdict"] = _verdict(entry)
+    return regimes
+
+
+def analyse(results_root: Path) -> dict:
+    """The analysis of every family whose runs are all done (a family's correction needs only its own
+    runs); ``pending`` names the others."""
+    families, pending = {}, []
     for model in MODELS:
-        regimes = {}
-        for samples in SAMPLES:
-            arms = arm_values(results_root, model, samples)
-            if arms is None:
-                return None
-            regimes[regime(samples)] = {
-                "arms": arms,
-                "hypotheses": [_comparison(arms, h) for h in HYPOTHESES],
-                "secondary": [_comparison(arms, h) for h in SECONDARY],
-            }
-        family = [entry for result in regimes.values() for entry in result["hypotheses"]]
-        for entry, adjusted in zip(family, holm([entry["p"] for entry in family])):
-            entry["p_holm"] = adjusted
-            entry["verdict"] = _verdict(entry)
-        families[model] = regimes
-    return {"families": families, "margin": MARGIN, "level": LEVEL, "confidence": CONFIDENCE}
+        regimes = analyse_family(results_root, model)
+        if regimes is None:
+            pending.append(model)
+        else:
+            families[model] = regimes
+    return {
+        "families": families,
+        "pending": pending,
+        "margin": MARGIN,
+        "level": LEVEL,
+        "confidence": CONFIDENCE,
+    }
 
 
 def _p_text(p: Optional[float]) -> str:
@@ -633,13 +652,15 @@ def finish_phase(phase: str, args: argparse.Namespace) -> bool:
         _write(root / "rho.md", rho_table(choices))
         return True
     analysis = analyse(root)
-    if analysis is None:
+    if analysis["pending"]:
+        log.info("runs missing for %s: no analysis of it yet", ", ".join(analysis["pending"]))
+    if not analysis["families"]:
         return False
     _write(root / "results.json", json.dumps(analysis, indent=2) + "\n")
     for model, regimes in analysis["families"].items():
         _write(root / f"{short(model)}.md", family_table(model, regimes))
     plot_cost(analysis, root / "cost.png")
-    return True
+    return not analysis["pending"]
 
 
 def build_parser() -> argparse.ArgumentParser:
