@@ -43,6 +43,21 @@ def _grid(panels: int):
     return figure, axes[:panels]
 
 
+def _steps_axis(axis, steps: Sequence[int]) -> None:
+    """A log axis of training steps, labelled at ``steps`` only."""
+    from matplotlib.ticker import NullFormatter
+
+    axis.set_xscale("log")
+    axis.set_xticks(list(steps), [f"{step:,}" for step in steps])
+    axis.xaxis.set_minor_formatter(NullFormatter())
+    axis.set_xlabel("training steps")
+
+
+def _legend_below(figure, axis) -> None:
+    """One legend for the figure, under its panels, with the entries of ``axis``."""
+    figure.legend(*axis.get_legend_handles_labels(), loc="outside lower center", ncols=4)
+
+
 def _save(figure, path: Path) -> Path:
     import matplotlib
 
@@ -342,11 +357,10 @@ def budget_figure(choices: dict):
                             linestyle="none",
                             label="chosen",
                         )
-            axis.set_xscale("log")
-            axis.set_xlabel("training steps")
+            _steps_axis(axis, [row["steps"] for row in entry["rows"] if row["budget"] != "authors"])
             axis.set_ylabel("final accuracy (%)")
             axis.set_title(f"{model}, {key}")
-        axes[0].legend()
+        _legend_below(figure, axes[0])
         seeds = len(panels[0][2]["rows"][0]["val_acc"]["per_seed"])
         figure.suptitle(f"Standard training against its budget, mean ± 1 sd over {seeds} tuning seeds")
     return figure
@@ -400,7 +414,7 @@ def cost_figure(analysis: dict):
             axis.set_xlabel("training time per run (s)")
             axis.set_ylabel("final test accuracy (%)")
             axis.set_title(f"{model}, {key}")
-        axes[0].legend(fontsize=8)
+        _legend_below(figure, axes[0])
         seeds = len(next(iter(panels[0][2].values()))["seeds"])
         figure.suptitle(f"Accuracy against cost, mean ± 1 sd over {seeds} seeds")
     return figure
