@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,3 +102,29 @@ def test_list_prints_the_commands_and_only_selects(capsys):
     with pytest.raises(SystemExit):
         study.main(["--list", "--only", "mlp-eta-3"])
     assert "unknown comparison(s) mlp-eta-3" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(study.fcntl is None, reason="claims need fcntl")
+def test_a_comparison_that_another_process_runs_is_skipped_until_that_process_ends(tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(study, "command_line", lambda argv: ran.append(argv[argv.index("--out") + 1]) or 0)
+    monkeypatch.setattr(study, "write_summary", lambda *args: None)
+    first, second = (study.Comparison(name, "mnist1d_mlp", ("standard",)) for name in ("first", "second"))
+    hold = (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "print(1, flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(tmp_path / "first.lock")], stdout=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout.readline().strip() == b"1"
+        assert study.run_comparisons([first, second], tmp_path, tmp_path / "results", []) == []
+        assert ran == [str(tmp_path / "second")]
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert (
+        study.run_comparisons([first], tmp_path, tmp_path / "results", []) == []
+    )  # released with its process
+    assert ran == [str(tmp_path / "second"), str(tmp_path / "first")]

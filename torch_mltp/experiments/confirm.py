@@ -22,9 +22,11 @@ A family's analysis is written as soon as all of its runs are done: its correcti
 hypotheses. ``results.json`` names the families still ``pending``.
 
 ``all`` runs the phases in order. Every run goes to ``--runs-root`` (default ``runs/confirm``): running a
-phase again reuses finished runs and resumes interrupted ones. ``--shard K/N`` runs every N-th comparison
-of a phase from the K-th (1-based), so that N processes share a phase; the summary of a phase is written
-by whichever process finds all its comparisons done (or by running the phase again). ``list`` prints a
+phase again reuses finished runs and resumes interrupted ones. Processes share a phase when they are
+started with the same command: each claims a comparison before running it and skips those another one has
+claimed. ``--shard K/N`` runs only every N-th comparison of a phase from the K-th (1-based), to split a
+phase between machines. The summary of a phase is written by whichever process finds all its comparisons
+done (or by running the phase again). ``list`` prints a
 phase's commands. Options the driver does not know are appended to every ``torch-mltp compare`` command
 (``--epochs 1 --limit-train-batches 1``): with ``--tuning-seeds 0 --confirm-seeds 100`` that is the
 one-seed smoke test the test suite runs.

@@ -18,6 +18,7 @@ the sweep's preset value is not run again: its rows are the main comparison's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import shlex
@@ -25,7 +26,12 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 from .cli import main as command_line
 from .cli import messages_to_stdout
@@ -207,21 +213,49 @@ def run_study(
     return failed
 
 
+@contextlib.contextmanager
+def claimed(lock: Path) -> Iterator[bool]:
+    """Whether this process holds ``lock`` (an exclusive, non-blocking ``flock``) for the ``with`` block.
+    The system releases it when the process ends, however it ends. Without ``fcntl`` (Windows) every
+    claim succeeds."""
+    if fcntl is None:
+        yield True
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def run_comparisons(
     selected: Sequence[Comparison], runs_root: Path, results_root: Path, extra: Sequence[str]
 ) -> List[str]:
     """Run ``selected`` one after another (``extra`` appended to each command), each followed by its
-    summary in ``results_root``; returns the names of the comparisons that failed."""
+    summary in ``results_root``; returns the names of the comparisons that failed.
+
+    Each comparison is claimed first (``<runs root>/<name>.lock``): one that another process is running
+    is skipped, so that processes started with the same command share the work."""
     failed = []
     for index, comparison in enumerate(selected, start=1):
         argv = [*comparison.argv(runs_root), *extra]
-        log.info(
-            "== [%d/%d] %s: %s", index, len(selected), comparison.name, shlex.join(["torch-mltp", *argv])
-        )
-        if command_line(argv) != 0:
-            failed.append(comparison.name)
-            continue
-        write_summary(runs_root / comparison.name, results_root / comparison.name, comparison.figures)
+        with claimed(runs_root / f"{comparison.name}.lock") as mine:
+            if not mine:
+                log.info("== [%d/%d] %s: another process runs it", index, len(selected), comparison.name)
+                continue
+            log.info(
+                "== [%d/%d] %s: %s", index, len(selected), comparison.name, shlex.join(["torch-mltp", *argv])
+            )
+            if command_line(argv) != 0:
+                failed.append(comparison.name)
+                continue
+            write_summary(runs_root / comparison.name, results_root / comparison.name, comparison.figures)
     return failed
 
 
