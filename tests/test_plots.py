@@ -16,6 +16,7 @@ from torch_mltp.experiments.plots import (
     accuracy_figure,
     alphas_figure,
     band_label,
+    budget_figure,
     gradient_cosine_figure,
     plot_accuracy,
     plot_alphas,
@@ -184,3 +185,36 @@ def test_no_gradient_cosine_figure_without_measurements(tmp_path):
     assert gradient_cosine_figure(result) is None
     assert plot_gradient_cosine(result, tmp_path / "cosine.png") is None
     assert not (tmp_path / "cosine.png").exists()
+
+
+def test_the_budget_figure_labels_its_step_axis_at_the_budgets_under_one_legend():
+    def row(budget, steps):
+        return {
+            "budget": budget,
+            "steps": steps,
+            "val_acc": {"per_seed": [90.0, 91.0]},
+            "test_acc": {"per_seed": [89.0, 90.0]},
+        }
+
+    rows = [row("0.5x", 600), row("1x", 1200), row("authors", 6000)]
+    figure = budget_figure({"mnist1d_cnn": {"n1000": {"rows": rows, "budget": rows[1]}}})
+    axis = figure.axes[0]
+    assert axis.get_xscale() == "log"
+    assert [label.get_text() for label in axis.get_xticklabels()] == [
+        "600",
+        "1,200",
+    ]  # not the authors' 6,000
+    assert [label.get_text() for label in axis.get_xticklabels(minor=True)] == [""] * len(
+        axis.get_xticklabels(minor=True)
+    )
+    assert axis.get_legend() is None and len(figure.legends) == 1
+    labels = [text.get_text() for text in figure.legends[0].get_texts()]
+    assert sorted(labels) == sorted(
+        [
+            "validation, recipe scaled",
+            "validation, authors' recipe",
+            "chosen",
+            "test, recipe scaled",
+            "test, authors' recipe",
+        ]
+    )
