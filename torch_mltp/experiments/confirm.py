@@ -26,10 +26,9 @@ phase again reuses finished runs and resumes interrupted ones. Processes share a
 started with the same command: each claims a comparison before running it and skips those another one has
 claimed. ``--shard K/N`` runs only every N-th comparison of a phase from the K-th (1-based), to split a
 phase between machines. The summary of a phase is written by whichever process finds all its comparisons
-done (or by running the phase again). ``list`` prints a
-phase's commands. Options the driver does not know are appended to every ``torch-mltp compare`` command
-(``--epochs 1 --limit-train-batches 1``): with ``--tuning-seeds 0 --confirm-seeds 100`` that is the
-one-seed smoke test the test suite runs.
+done (or by running the phase again). ``list`` prints a phase's commands. Options the driver does not
+know are appended to every ``torch-mltp compare`` command (``--epochs 1 --limit-train-batches 1``): with
+``--tuning-seeds 0 --confirm-seeds 100`` that is the one-seed smoke test the test suite runs.
 """
 
 from __future__ import annotations
@@ -655,7 +654,7 @@ def finish_phase(phase: str, args: argparse.Namespace) -> bool:
         return True
     analysis = analyse(root)
     if analysis["pending"]:
-        log.info("runs missing for %s: no analysis of it yet", ", ".join(analysis["pending"]))
+        log.info("runs missing for %s: not analysed yet", ", ".join(analysis["pending"]))
     if not analysis["families"]:
         return False
     _write(root / "results.json", json.dumps(analysis, indent=2) + "\n")
