@@ -84,6 +84,31 @@ def test_non_inferiority_is_a_one_sided_test_against_the_margin():
     assert non_inferiority_p([1.0], [2.0], 0.5) is None
 
 
+def test_the_verdicts_follow_the_plan():
+    """H1 and H2 claim which arm is ahead; H4 claims only that the two signs of alpha differ."""
+    seeds = list(range(6))
+    noise = [0.1, -0.1, 0.0, 0.2, -0.2, 0.05]
+    low, high = [90.0 + d for d in noise], [91.0 + d for d in reversed(noise)]
+    arms = {
+        "mltp_fo": {"seeds": seeds, "test_acc": low},
+        "standard at mltp_fo's cost": {"seeds": seeds, "test_acc": high},
+        "mltp_fo α ≤ 0": {"seeds": seeds, "test_acc": low},
+        "mltp_fo α ≥ 0": {"seeds": seeds, "test_acc": high},
+    }
+    h1, h4 = (confirm._comparison(arms, h) for h in (confirm.HYPOTHESES[0], confirm.HYPOTHESES[3]))
+    assert h1["mean"] == pytest.approx(-1.0) and h4["mean"] == pytest.approx(-1.0) and h1["p"] < 0.001
+    for entry in (h1, h4):
+        entry["p_holm"] = 0.01
+    assert confirm._verdict(h1) == "reversed"
+    assert confirm._verdict(h4) == "supported: mltp_fo α ≥ 0 ahead"
+    h4["p_holm"] = 0.2
+    assert confirm._verdict(h4) == "not shown"
+    arms["mltp_fo α ≤ 0"]["test_acc"], arms["mltp_fo α ≥ 0"]["test_acc"] = high, low
+    h4 = confirm._comparison(arms, confirm.HYPOTHESES[3])
+    h4["p_holm"] = 0.01
+    assert confirm._verdict(h4) == "supported: mltp_fo α ≤ 0 ahead"
+
+
 def test_the_shards_split_a_phase():
     comparisons = confirm.budget_comparisons((0,))
     first, second = confirm._shard(comparisons, (1, 2)), confirm._shard(comparisons, (2, 2))

@@ -375,6 +375,8 @@ class Hypothesis:
     claim: str
     test: str = "two-sided"
     """``two-sided``: paired t-test; ``non-inferiority``: one-sided paired t-test with :data:`MARGIN`."""
+    directional: bool = True
+    """Whether the claim names the arm that is ahead (H1, H2); H4 claims only that the arms differ."""
 
 
 HYPOTHESES = (
@@ -387,7 +389,9 @@ HYPOTHESES = (
         f"mltp_fo ≥ SAM − {MARGIN:g} at equal cost",
         "non-inferiority",
     ),
-    Hypothesis("H4", "mltp_fo α ≤ 0", "mltp_fo α ≥ 0", "the sign of α matters (α ≤ 0 vs α ≥ 0)"),
+    Hypothesis(
+        "H4", "mltp_fo α ≤ 0", "mltp_fo α ≥ 0", "the sign of α matters (α ≤ 0 vs α ≥ 0)", directional=False
+    ),
 )
 SECONDARY = (
     Hypothesis("S1", "mltp_fo", "standard", "mltp_fo vs standard, same steps"),
@@ -428,15 +432,28 @@ def _comparison(arms: Dict[str, dict], hypothesis: Hypothesis) -> dict:
     p = difference["p_t"]
     if hypothesis.test == "non-inferiority":
         p = non_inferiority_p(baseline["test_acc"], treatment["test_acc"], MARGIN)
-    return {"name": hypothesis.name, "claim": hypothesis.claim, "test": hypothesis.test, "p": p, **difference}
+    ahead = hypothesis.treatment if difference["mean"] > 0 else hypothesis.baseline
+    return {
+        "name": hypothesis.name,
+        "claim": hypothesis.claim,
+        "test": hypothesis.test,
+        "p": p,
+        **difference,
+        **({} if hypothesis.directional else {"ahead": ahead}),
+    }
 
 
 def _verdict(entry: dict) -> str:
+    """The pre-registered verdict: supported when the Holm-adjusted p is below :data:`LEVEL`; a directional
+    claim whose difference has the other sign is *reversed*; a claim that the arms differ names the arm
+    ahead."""
     if entry["p_holm"] >= LEVEL:
         return "not shown"
-    if entry["test"] == "non-inferiority":
+    if "ahead" in entry:
+        return f"supported: {entry['ahead']} ahead"
+    if entry["test"] == "non-inferiority" or entry["mean"] > 0:
         return "supported"
-    return "supported" if entry["mean"] > 0 else "reversed"
+    return "reversed"
 
 
 def analyse_family(results_root: Path, model: str) -> Optional[dict]:
@@ -529,7 +546,8 @@ def family_table(model: str, regimes: dict) -> str:
         "95% Student-t interval. H1, H2, H4 and the secondary comparisons: two-sided paired t-test; H3: "
         f"one-sided paired t-test of non-inferiority with a margin of {MARGIN:g} points. Holm-Bonferroni "
         f"over the family's 8 hypotheses; a hypothesis is supported when its adjusted p-value is below "
-        f"{LEVEL:g} (and, for H1, H2 and H4, in the direction of the difference)."
+        f"{LEVEL:g} (and, for H1 and H2, in the direction of the difference; for H4 the verdict names the "
+        "arm ahead)."
     )
     return "\n".join(lines) + "\n"
 
