@@ -184,6 +184,27 @@ def test_list_prints_a_phases_commands(capsys):
     assert "--train-samples 1000 --batch-size 100 --epochs 600 --milestones --val-fraction 0.1" in lines[-1]
 
 
+def test_only_selects_comparisons_by_name(capsys):
+    assert (
+        confirm.main(
+            ["list", "--phase-list", "budget", "--only", "budget-gap_cnn-n1000-2x", "budget-cnn-n4000-1x"]
+        )
+        == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("--out ")[1] for line in lines] == [
+        "runs/confirm/budget-cnn-n4000-1x",
+        "runs/confirm/budget-gap_cnn-n1000-2x",
+    ]
+    for argv in (["budget", "--only", "budget-cnn-n4000-3x"], ["report", "--only", "budget-cnn-n4000-1x"]):
+        with pytest.raises(SystemExit) as exit_info:
+            confirm.main(argv)
+        assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "unknown comparison(s) budget-cnn-n4000-3x; choose from budget-cnn-n4000-0.5x," in error
+    assert "--only names the comparisons of one training phase, not of report" in error
+
+
 def test_the_results_page_holds_the_plan_the_driver_runs():
     page = (REPO / "docs" / "results.md").read_text()
     plan = page[page.index("## Confirmatory study (pre-registered)") : page.index("## Epochs")]

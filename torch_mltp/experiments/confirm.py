@@ -52,7 +52,7 @@ from .cli import messages_to_stdout
 from .compare import CONFIDENCE
 from .recipes import TRAIN_SET_SIZES, recipe_for
 from .stats import holm, mean_std, non_inferiority_p, paired_difference
-from .study import Comparison, run_comparisons
+from .study import Comparison, named, run_comparisons
 from .training import Experiment, TrainTally, build_model_for, build_optimizer, training_step, versions
 
 log = logging.getLogger(__name__)
@@ -627,8 +627,13 @@ def phase_comparisons(phase: str, args: argparse.Namespace) -> List[Comparison]:
     return []
 
 
+def selected_comparisons(phase: str, args: argparse.Namespace) -> List[Comparison]:
+    """The comparisons of a training phase that ``--only`` names (all by default), then ``--shard``'s."""
+    return _shard(named(phase_comparisons(phase, args), args.only), args.shard)
+
+
 def _train(phase: str, args: argparse.Namespace, extra: Sequence[str]) -> List[str]:
-    selected = _shard(phase_comparisons(phase, args), args.shard)
+    selected = selected_comparisons(phase, args)
     log.info("== phase %s: %d comparison(s)", phase, len(selected))
     return run_comparisons(selected, args.runs_root, args.results_root / "comparisons", extra)
 
@@ -704,6 +709,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--shard", type=_parse_shard, metavar="K/N", help="run every N-th comparison from the K-th"
     )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        help="with budget, rho, run or list: only these comparisons (to train them again, remove their "
+        "folders under the runs root first)",
+    )
     parser.add_argument("--cost-steps", type=int, default=100, help="steps per timing (default 100)")
     parser.add_argument("--cost-rounds", type=int, default=5, help="timings per procedure (default 5)")
     parser.add_argument("--data-root", default="data", help="for the cost phase's batches (default: ./data)")
@@ -714,10 +726,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     extra = [*extra, "--data-root", args.data_root]
-    if args.phase == "list":
-        for comparison in phase_comparisons(args.phase_list or "budget", args):
-            print(comparison.command(args.runs_root))
-        return 0
+    if args.only is not None and args.phase not in ("budget", "rho", "run", "list"):
+        parser.error(f"--only names the comparisons of one training phase, not of {args.phase}")
+    try:
+        if args.phase == "list":
+            for comparison in selected_comparisons(args.phase_list or "budget", args):
+                print(comparison.command(args.runs_root))
+            return 0
+        if args.phase in ("budget", "rho", "run"):
+            selected_comparisons(args.phase, args)
+    except ValueError as error:
+        parser.error(str(error))
     phases = PHASES[:-1] if args.phase == "all" else (args.phase,)
     with messages_to_stdout():
         for phase in phases:

@@ -234,6 +234,20 @@ def claimed(lock: Path) -> Iterator[bool]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def named(selected: Sequence[Comparison], names: Optional[Sequence[str]]) -> List[Comparison]:
+    """The comparisons of ``selected`` that ``names`` names, in their order (all of them when ``names`` is
+    ``None``); ``ValueError`` for a name that is not among them."""
+    if names is None:
+        return list(selected)
+    unknown = sorted(set(names) - {comparison.name for comparison in selected})
+    if unknown:
+        raise ValueError(
+            f"unknown comparison(s) {', '.join(unknown)}; choose from "
+            + ", ".join(comparison.name for comparison in selected)
+        )
+    return [comparison for comparison in selected if comparison.name in names]
+
+
 def run_comparisons(
     selected: Sequence[Comparison], runs_root: Path, results_root: Path, extra: Sequence[str]
 ) -> List[str]:
@@ -272,15 +286,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--results-root", type=Path, default=Path("docs/results"), help="summaries; default: docs/results"
     )
     args, extra = parser.parse_known_args(argv)
-    selected = comparisons()
-    if args.only:
-        unknown = sorted(set(args.only) - {comparison.name for comparison in selected})
-        if unknown:
-            parser.error(
-                f"unknown comparison(s) {', '.join(unknown)}; choose from "
-                + ", ".join(comparison.name for comparison in selected)
-            )
-        selected = [comparison for comparison in selected if comparison.name in args.only]
+    try:
+        selected = named(comparisons(), args.only)
+    except ValueError as error:
+        parser.error(str(error))
     if args.list:
         for comparison in selected:
             print(comparison.command(args.runs_root))
