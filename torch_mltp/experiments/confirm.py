@@ -733,8 +733,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for comparison in selected_comparisons(args.phase_list or "budget", args):
                 print(comparison.command(args.runs_root))
             return 0
-        if args.phase in ("budget", "rho", "run"):
-            selected_comparisons(args.phase, args)
+        if args.only is not None:
+            selected_comparisons(args.phase, args)  # an unknown name fails before any training
     except ValueError as error:
         parser.error(str(error))
     phases = PHASES[:-1] if args.phase == "all" else (args.phase,)
