@@ -432,15 +432,16 @@ def _comparison(arms: Dict[str, dict], hypothesis: Hypothesis) -> dict:
     p = difference["p_t"]
     if hypothesis.test == "non-inferiority":
         p = non_inferiority_p(baseline["test_acc"], treatment["test_acc"], MARGIN)
-    ahead = hypothesis.treatment if difference["mean"] > 0 else hypothesis.baseline
-    return {
+    entry = {
         "name": hypothesis.name,
         "claim": hypothesis.claim,
         "test": hypothesis.test,
         "p": p,
         **difference,
-        **({} if hypothesis.directional else {"ahead": ahead}),
     }
+    if not hypothesis.directional:
+        entry["ahead"] = hypothesis.treatment if difference["mean"] > 0 else hypothesis.baseline
+    return entry
 
 
 def _verdict(entry: dict) -> str:
