@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from mltp_reference import alphas_by_parameter, gradients, objective, trainable
 from torch import nn
 
-from torch_mltp import MLTPOptimizer, Mode, _autograd, _multi_tensor, constants, task_closures
+from torch_mltp import MLTPOptimizer, Mode, _foreach, constants, functional, task_closures
 
 ACTIVATIONS = {"tanh": nn.Tanh, "softplus": nn.Softplus, "relu": nn.ReLU}
 
@@ -225,7 +225,7 @@ def test_layers_outside_the_selection_get_exact_cross_terms():
 def test_the_fused_kernel_path_gives_the_same_gradients(monkeypatch, mode, large_from):
     """Where fused multi-tensor kernels run (a GPU), the per-layer alphas are expanded to their tensors'
     shapes before the lookahead and the Hessian term; here that path runs on the CPU."""
-    monkeypatch.setattr(_multi_tensor, "_fused_kernels", lambda tensor: True)
+    monkeypatch.setattr(_foreach, "_fused_kernels", lambda tensor: True)
     monkeypatch.setattr(constants, "LARGE_TENSOR", large_from)
     model = make_cnn(3, channels=3, classes=4)
     task_i, task_j = make_tasks(3, (2, 6, 6), 4, 5)
@@ -262,7 +262,7 @@ def test_release_early_gives_the_storage_back_once_the_gradient_is_complete(monk
     large, small = (nn.Parameter(torch.ones(n, dtype=torch.float64)) for n in (3, 2))
     own = [large.data_ptr(), small.data_ptr()]
     values = [torch.full((3,), 2.0, dtype=torch.float64), torch.full((2,), 3.0, dtype=torch.float64)]
-    with _autograd.swapped_storage([large, small], values, release_early=True):
+    with functional.swapped_storage([large, small], values, release_early=True):
         assert values == [] and large.data_ptr() != own[0] and large[0].item() == 2.0
         loss = (large * large).sum() + large.sum() ** 2 + small.sum()
         grad, _ = torch.autograd.grad(loss, [large, small])

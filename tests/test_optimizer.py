@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from mltp_reference import gradients
 from torch import nn
 
-from torch_mltp import MLTPOptimizer, Mode, _multi_tensor, constants, functional, nonfinite, task_closures
+from torch_mltp import MLTPOptimizer, Mode, _foreach, constants, functional, optimizer, task_closures
 
 
 def small_cnn(seed=0):
@@ -483,14 +483,20 @@ def test_the_finiteness_check_finds_one_bad_entry_and_no_overflow(monkeypatch, l
     result = functional.MLTPGradients(
         torch.tensor(3.0), torch.tensor(1.0), torch.tensor(2.0), grads, [torch.ones(())]
     )
-    assert nonfinite.first_nonfinite(result) == (None if bad is None else "dJ/dw[1]")
-    assert nonfinite.finite_on_host(grads) == (bad is None)  # the fast check alone, no search
-    assert (not nonfinite.all_finite(nonfinite.checked_tensors(result)).item()) == (bad is not None)
+    assert optimizer._foreach.finite_on_host(optimizer._checked(result)) == (bad is None)
+    if bad is not None:
+        assert optimizer._first_nonfinite(result) == "dJ/dw[1]"
+    assert _foreach.finite_on_host(grads) == (bad is None)  # the fast check alone, no search
+    assert (not _foreach.all_finite(optimizer._checked(result)).item()) == (bad is not None)
     # the lookahead's guard (GradScaler, nonfinite="skip"): w' = w - alpha * g when g is finite, else w
     for direction in (grads, grads[1:]):
         weights = [torch.full_like(g, 2.0) for g in direction]
-        w_prime = _multi_tensor.lookahead(
-            weights, direction, [torch.tensor(0.5)] * len(direction), finite=nonfinite.all_finite(direction)
+        w_prime = _foreach.lookahead(
+            _foreach.grouped(weights),
+            weights,
+            direction,
+            [torch.tensor(0.5)] * len(direction),
+            finite=_foreach.all_finite(direction),
         )
         expected = [w if bad is not None else w - 0.5 * g for w, g in zip(weights, direction)]
         assert all(torch.equal(s, e) for s, e in zip(w_prime, expected))

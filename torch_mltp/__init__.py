@@ -10,7 +10,7 @@ The core (this package's top level) imports only torch::
 The stateless computation of one step is :mod:`torch_mltp.functional`.
 """
 
-from ._sharded import ShardedCheckpoint
+from .checkpoint import ShardedCheckpoint
 from .optimizer import MLTPOptimizer, MLTPStepResult, task_closures
 from .selection import CONV_TYPES, FC_TYPES, PAPER_MODES, Mode, select_layers
 

@@ -10,14 +10,13 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from .constants import ALPHA_GRANULARITIES, ALPHA_GROUP_KEY, NONFINITE_POLICIES, TASK_SCOPES
+from .constants import ALPHA_GRANULARITIES, ALPHA_GROUP_KEY, NONFINITE_POLICIES
 from .selection import Layer, Mode, unwrap_model
 
 
 def check_settings(
     alpha_per: str,
     nonfinite: str,
-    tasks: str,
     learn_alpha: Any,
     alpha_init: Any,
     alpha_lr: Any,
@@ -28,7 +27,6 @@ def check_settings(
     """Check the keyword settings; returns ``(mean, std)`` of the initial alphas."""
     check_choice("alpha_per", alpha_per, ALPHA_GRANULARITIES)
     check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
-    check_choice("tasks", tasks, TASK_SCOPES)
     if not isinstance(learn_alpha, bool):
         raise TypeError(f"learn_alpha must be a bool, got {type(learn_alpha).__name__}")
     if foreach is not None and not isinstance(foreach, bool):
@@ -131,21 +129,6 @@ def check_selected_dtypes(layers: list[Layer]) -> None:
                     f"{name} is {param.dtype}: MLTP's step sizes are real and shift floating-point "
                     "tensors only; leave this layer out of the selection (Mode(layers=...))"
                 )
-
-
-def check_backward_arguments(closure_i: Any, closure_j: Any, weight: Any, scaler: Any) -> None:
-    if not (callable(closure_i) and callable(closure_j)):
-        raise TypeError(
-            "backward() takes two callables, closure_i and closure_j, each returning a scalar loss"
-        )
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError(
-            "MLTPOptimizer cannot differentiate under torch.inference_mode(): call backward() and "
-            "step() outside that context"
-        )
-    if scaler is not None and not callable(getattr(scaler, "scale", None)):
-        raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
-    check_real("weight", weight, positive=True)
 
 
 def alpha_group_lr(base: torch.optim.Optimizer, alpha_lr: Optional[float]) -> Any:

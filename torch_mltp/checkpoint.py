@@ -1,4 +1,6 @@
-"""``MLTPOptimizer``'s state dict: the base optimizer's, plus an ``"mltp"`` entry, checked whole.
+"""``MLTPOptimizer``'s checkpoints: its state dict (the base optimizer's, plus an ``"mltp"`` entry, checked
+whole), and :class:`ShardedCheckpoint`, a model and its optimizer as one entry of a
+``torch.distributed.checkpoint``.
 
 The ``"mltp"`` entry holds the alphas' values and the settings that a resumed run must share (what
 the mode selected and whether it is first order, ``alpha_per``, ``learn_alpha``) or carries on
@@ -13,11 +15,18 @@ import numbers
 from typing import Any, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .constants import ALPHA_GROUP_KEY, MLTP_STATE_KEY, NONFINITE_POLICIES
 
-__all__ = ["ALPHA_GROUP_KEY", "MLTP_STATE_KEY", "check_base_state", "check_entry", "snapshot"]
+__all__ = [
+    "ALPHA_GROUP_KEY",
+    "MLTP_STATE_KEY",
+    "ShardedCheckpoint",
+    "check_base_state",
+    "check_entry",
+    "snapshot",
+]
 
 _MUST_MATCH = ("alpha_per", "learn_alpha")
 _REQUIRED = ("mode", "alpha_per", "learn_alpha", "eta", "nonfinite", "skipped_steps", "alphas")
@@ -120,3 +129,62 @@ def check_base_state(base_state: dict, num_groups: int, alpha_buckets: Optional[
                     f"the optimizer state {key!r} of the alphas is shaped {tuple(value.shape)}, "
                     f"expected {tuple(bucket.shape)}"
                 )
+
+
+class ShardedCheckpoint:
+    """A model and its :class:`~torch_mltp.MLTPOptimizer` as one entry of a ``torch.distributed.checkpoint``
+    (DCP) checkpoint: the weights and the optimizer state shard by shard, the alphas, the settings.
+
+    ``dcp.save({"train": ShardedCheckpoint(model, opt)}, checkpoint_id=folder)`` writes it and
+    ``dcp.load({"train": ShardedCheckpoint(model, opt)}, checkpoint_id=folder)`` restores it into a
+    freshly built model and optimizer (DCP calls :meth:`state_dict` and :meth:`load_state_dict`, the
+    protocol of ``torch.distributed.checkpoint.stateful.Stateful``).  DCP loads into tensors that exist,
+    so :meth:`state_dict` creates the base optimizer's state when it has none yet (a step with zero
+    gradients and learning rate 0, undone at once) and records that it was empty; a checkpoint written
+    before the first step restores an optimizer without state.  Works as well for a model that is not
+    sharded.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: Any):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        base = self.optimizer.base_optimizer
+        stepped = bool(base.state)
+        if not stepped:
+            _create_state(base)
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "optimizer_has_state": torch.tensor(int(stepped)),
+        }
+        if not stepped:
+            base.state.clear()  # the template keeps the tensors that DCP loads into
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if not int(state["optimizer_has_state"]):
+            self.optimizer.base_optimizer.state.clear()
+
+
+def _create_state(base: torch.optim.Optimizer) -> None:
+    """Create ``base``'s per-tensor state with one step that changes nothing (zero gradients, learning
+    rate 0); the gradients and learning rates are put back."""
+    params = [p for group in base.param_groups for p in group["params"]]
+    grads = [p.grad for p in params]
+    rates = [group.get("lr") for group in base.param_groups]
+    try:
+        for p in params:
+            p.grad = torch.zeros_like(p) if p.requires_grad else None
+        for group, lr in zip(base.param_groups, rates):
+            if lr is not None:
+                group["lr"] = torch.zeros_like(lr) if isinstance(lr, Tensor) else 0.0
+        base.step()
+    finally:
+        for group, lr in zip(base.param_groups, rates):
+            if lr is not None:
+                group["lr"] = lr
+        for p, grad in zip(params, grads):
+            p.grad = grad

@@ -1,60 +1,139 @@
-"""``MLTPOptimizer``: a thin stateful wrapper that turns any torch optimizer into MLTP (Algorithm 1)."""
+"""``MLTPOptimizer``: a thin stateful wrapper that turns any torch optimizer into MLTP (Algorithm 1).
+
+The gradients of a step come from a backend chosen at construction (:mod:`torch_mltp.parallel`); what the
+optimizer keeps between ``backward``, ``step`` and ``zero_grad`` is one :class:`StepState`.
+"""
 
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Optional, Union
+from enum import Enum
+from functools import partial
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from ._autograd import Closure, MLTPGradients, MLTPStepResult
-from ._ddp import check_wrapper, unsynced
-from ._multi_tensor import Workspace
-from ._sharded import sharded_step
+from . import _foreach
 from ._validation import (
     alpha_group_lr,
-    check_backward_arguments,
     check_base_optimizer,
+    check_choice,
     check_model,
     check_real,
     check_selected_dtypes,
     check_settings,
     probe_alpha_step,
 )
-from .alphas import AlphaStore
 from .checkpoint import check_base_state, check_entry, snapshot
-from .constants import ALPHA_GROUP_KEY, MLTP_STATE_KEY
-from .distributed import GradientAverager, broadcast_from_first_rank, process_group_of
-from .functional import fast_path_applies, mltp_gradients
-from .nonfinite import NonfiniteState
+from .constants import ALPHA_GROUP_KEY, MLTP_STATE_KEY, TASK_SCOPES
+from .functional import Closure, MLTPGradients, fast_path_applies
+from .parallel import Backend, Layout, Step, backend_for
 from .selection import Layer, Mode, resolve_mode, select_layers
 
 
+class MLTPStepResult(NamedTuple):
+    """The objective ``J`` of the last backward pass (eq. 4), its two losses, and whether it was non-finite
+    and will be skipped (always ``False`` with a ``GradScaler``, which decides itself)."""
+
+    objective: Tensor
+    loss_i: Tensor
+    loss_j: Tensor
+    skipped: bool
+
+
+class Stage(Enum):
+    """Where an optimizer step stands, from ``zero_grad`` to ``step`` (as ``GradScaler``'s ``OptState``)."""
+
+    READY = "ready"
+    """no MLTP gradient since ``zero_grad``"""
+    ACCUMULATED = "accumulated"
+    """``backward`` added ``dJ/dw`` and ``dJ/dalpha`` to ``.grad``"""
+    SKIP = "skip"
+    """a ``backward`` was non-finite (``nonfinite="skip"``): the next ``step`` changes nothing"""
+    STEPPED = "stepped"
+    """the base optimizer stepped on these gradients"""
+
+
 @dataclass
-class _StepState:
-    """What one step leaves for the next: copied and pickled with the optimizer."""
+class StepState:
+    """Everything an ``MLTPOptimizer`` carries from one call to the next: copied and pickled with it.
 
-    nonfinite: NonfiniteState = field(default_factory=NonfiniteState)
+    ``found_inf`` is a device flag (1.0 when the accumulated gradients are not finite) that a fused base step
+    reads to skip itself under ``nonfinite="skip"``, as under ``GradScaler``; ``skipped_steps`` counts the
+    skipped steps, the device's part until read.
+    """
+
+    stage: Stage = Stage.READY
+    found_inf: Optional[Tensor] = None
+    skipped_on_host: int = 0
+    skipped_on_device: Optional[Tensor] = None
     last_result: Optional[MLTPStepResult] = None
-    alphas_with_gradient: set = field(default_factory=set)  # indices of the alphas .grad speaks for
-    backward_since_zero_grad: bool = False
-    stepped_since_zero_grad: bool = False
-    warned: set = field(default_factory=set)  # the once-only warnings already given
+    alphas_with_gradient: set = field(default_factory=set)
+    """indices of the alphas whose ``.grad`` holds a gradient"""
+    warned: set = field(default_factory=set)
+    """the once-only warnings already given"""
+
+    @property
+    def skipped_steps(self) -> int:
+        on_device = self.skipped_on_device
+        return self.skipped_on_host + (0 if on_device is None else int(on_device.item()))
+
+    def judge(self, verdict: MLTPGradients, policy: str, on_device: bool) -> bool:
+        """Record one backward pass's verdict; ``True`` when the host found it non-finite (its gradients must
+        then not be accumulated).  Raises ``FloatingPointError`` under ``"raise"``."""
+        if on_device:
+            flag = (~_foreach.all_finite(_checked(verdict))).float()
+            self.found_inf = flag if self.found_inf is None else torch.maximum(self.found_inf, flag)
+            return False
+        if _foreach.finite_on_host(_checked(verdict)):
+            return False
+        if policy == "raise":
+            raise FloatingPointError(
+                f"MLTP backward produced a non-finite {_first_nonfinite(verdict)}; .grad, weights, alphas "
+                "and optimizer state are unchanged (pass nonfinite='skip' to skip such steps instead)"
+            )
+        self.stage = Stage.SKIP
+        return True
+
+    def take_skip(self) -> bool:
+        """Whether the coming step is skipped on the host (and count it)."""
+        if self.stage is not Stage.SKIP:
+            return False
+        self.stage = Stage.ACCUMULATED
+        self.skipped_on_host += 1
+        return True
+
+    @contextmanager
+    def device_skip(self, base: Any) -> Iterator[None]:
+        """Hand the device flag of the accumulated gradients to a fused base step."""
+        flag = self.found_inf
+        if flag is None:
+            yield
+            return
+        base.found_inf = flag
+        try:
+            yield
+        finally:
+            del base.found_inf
+            self.found_inf = None
+            self.skipped_on_device = flag if self.skipped_on_device is None else self.skipped_on_device + flag
 
 
-class _Layout(NamedTuple):
-    """A step's ``w`` (the trainable tensors of the weight groups), the indices of the selected ones
-    in it, the alpha of each, the dtype of the gradients, the path that computes the step
-    (``foreach``) and the fast path's workspace."""
+def _checked(result: MLTPGradients) -> list[Tensor]:
+    """``L_i``, ``L_j`` and the gradients of a step (the present ones)."""
+    grads = [g for g in (*result.param_grads, *(result.alpha_grads or ())) if g is not None]
+    return [result.loss_i, result.loss_j, *grads]
 
-    params: list
-    selected: list
-    alpha_of: list
-    dtype: torch.dtype
-    foreach: bool
-    workspace: Workspace
+
+def _first_nonfinite(result: MLTPGradients) -> str:
+    """The name of the first non-finite quantity of a step: ``"L_i"``, ``"L_j"``, a gradient."""
+    named = [("L_i", result.loss_i), ("L_j", result.loss_j)]
+    named += [(f"dJ/dw[{k}]", g) for k, g in enumerate(result.param_grads) if g is not None]
+    named += [(f"dJ/dalpha[{a}]", g) for a, g in enumerate(result.alpha_grads or ()) if g is not None]
+    return next(name for name, t in named if not _foreach.finite_on_host([t]))
 
 
 @dataclass
@@ -62,7 +141,7 @@ class _Cache:
     """What is derived from the param groups and kept to save work: dropped on copy and pickle."""
 
     layout_key: Optional[tuple] = None
-    layout: Optional[_Layout] = None
+    layout: Optional[Layout] = None
 
 
 class MLTPOptimizer(torch.optim.Optimizer):
@@ -144,32 +223,33 @@ class MLTPOptimizer(torch.optim.Optimizer):
         check_base_optimizer(base_optimizer)
         self.mode = resolve_mode(mode)
         check_model(model, self.mode)
-        self._sharded = sharded_step(model, self.mode, tasks, process_group)  # FSDP2: see _sharded.py
-        tasks = tasks or ("global" if self._sharded else "local")
+        if tasks is not None:
+            check_choice("tasks", tasks, TASK_SCOPES)
+        self._backend = backend_for(model, self.mode, tasks, process_group, base_optimizer)
         bounds = (alpha_min, alpha_max)
         alpha_mean, alpha_std = check_settings(
-            alpha_per, nonfinite, tasks, learn_alpha, alpha_init, alpha_lr, *bounds, foreach
+            alpha_per, nonfinite, learn_alpha, alpha_init, alpha_lr, *bounds, foreach
         )
         self.base_optimizer, self.eta = base_optimizer, eta
         self.alpha_per, self.learn_alpha = alpha_per, learn_alpha
         self.alpha_min = None if alpha_min is None else float(alpha_min)
         self.alpha_max = None if alpha_max is None else float(alpha_max)
-        self.nonfinite, self.tasks, self.foreach = nonfinite, tasks, foreach
-        self._ddp_model = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
-        self._averager = None if self._sharded else _averager(model, process_group, tasks)
-        check_wrapper(model, base_optimizer, process_group)
+        self.nonfinite, self.tasks, self.foreach = nonfinite, self._backend.tasks, foreach
 
         layers, self._unheld_params = _held_layers(model, self.mode, base_optimizer)
         self._selected_layers = [layer.name for layer in layers]
-        store = self._sharded.make_alphas if self._sharded else AlphaStore
         self._alphas, self._selected_params, self._alpha_of = _make_alphas(
-            layers, alpha_per, alpha_mean, alpha_std, (self.alpha_min, self.alpha_max), learn_alpha, store
+            layers,
+            alpha_per,
+            alpha_mean,
+            alpha_std,
+            (self.alpha_min, self.alpha_max),
+            learn_alpha,
+            self._backend,
         )
-        if self._averager is not None and self._averager.world_size > 1:
-            broadcast_from_first_rank(self._alphas.buckets, self._averager.process_group)
         if learn_alpha:
             _add_alpha_group(base_optimizer, self._alphas.buckets, alpha_group_lr(base_optimizer, alpha_lr))
-        self._state, self._cache = _StepState(), _Cache()
+        self._state, self._cache = StepState(), _Cache()
         # Optimizer.__init__ sets up the hook machinery; the groups and the state are then the
         # base optimizer's own objects, as in timm's Lookahead and the SAM wrapper.
         super().__init__(
@@ -201,11 +281,11 @@ class MLTPOptimizer(torch.optim.Optimizer):
     @property
     def skipped_steps(self) -> int:
         """Steps skipped because of non-finite values (``nonfinite="skip"``)."""
-        return self._state.nonfinite.skipped_steps
+        return self._state.skipped_steps
 
     @skipped_steps.setter
     def skipped_steps(self, value: int) -> None:
-        self._state.nonfinite.skipped_steps = value
+        self._state.skipped_on_host, self._state.skipped_on_device = value, None
 
     @property
     def last_result(self) -> Optional[MLTPStepResult]:
@@ -235,49 +315,36 @@ class MLTPOptimizer(torch.optim.Optimizer):
         ``nonfinite="raise"`` it raises ``FloatingPointError``, with ``"skip"`` the next
         :meth:`step` changes nothing (and ``zero_grad`` cancels that).
         """
-        check_backward_arguments(closure_i, closure_j, weight, scaler)
-        if self._sharded is not None:
-            return self._sharded.backward(self, closure_i, closure_j, weight, scaler)
-        layout = self._layout()
-        self._clear_stale_alpha_gradients(layout)
-        global_tasks = self.tasks == "global"
-        with unsynced(self._ddp_model):
-            result = mltp_gradients(
-                closure_i,
-                closure_j,
-                layout.params,
-                layout.selected,
-                self._alphas.values,
-                layout.alpha_of,
-                self._eta,
-                self.mode.first_order,
-                alpha_grads=self.learn_alpha,
-                loss_scale=_loss_scale(layout, weight, scaler),
-                average=self._averager if global_tasks else None,
-                guard_lookahead=self.nonfinite == "skip",
-                foreach=layout.foreach,
-                workspace=layout.workspace,
-            )
-        if self._averager is not None and not global_tasks:
-            result = _average_local(self._averager, result, self._eta, layout.params, self._alphas.values)
-        state = self._state
-        on_device = self._skips_on_device(layout)
-        skipped = scaler is None and state.nonfinite.judge(result, self.nonfinite, on_device)
+        _check_backward_arguments(closure_i, closure_j, weight, scaler)
+        layout, state = self._layout(), self._state
+        if state.stage is Stage.STEPPED and self.learn_alpha:
+            self._clear_stale_alpha_gradients(layout)
+        step = Step(
+            closure_i,
+            closure_j,
+            layout,
+            self._alphas.values,
+            self._eta,
+            self.mode.first_order,
+            self.learn_alpha,
+            weight,
+            scaler,
+            self.nonfinite == "skip",
+        )
+        result, verdict = self._backend.gradients(step)
+        on_device = verdict is None and self._skips_on_device(layout)
+        skipped = scaler is None and state.judge(verdict or result, self.nonfinite, on_device)
         state.last_result = MLTPStepResult(result.objective, result.loss_i, result.loss_j, skipped)
-        state.backward_since_zero_grad = True
-        if not skipped:
-            self._accumulate(layout.params, result)
+        if skipped:
+            return result.objective
+        if state.stage is not Stage.SKIP:
+            state.stage = Stage.ACCUMULATED
+        _accumulate(layout.params, result.param_grads)
+        if result.alpha_grads is not None:
+            self._alphas.accumulate(result.alpha_grads, state.alphas_with_gradient)
         return result.objective
 
-    def _accumulate(self, params: list[Tensor], result: MLTPGradients) -> None:
-        _accumulate(params, result.param_grads)
-        if result.alpha_grads is not None:
-            _accumulate(self._alphas.buckets, self._alphas.bucket_gradients(result.alpha_grads))
-            received = self._state.alphas_with_gradient
-            received.update(a for a, g in enumerate(result.alpha_grads) if g is not None)
-            self._alphas.publish_gradients(received)
-
-    def _skips_on_device(self, layout: _Layout) -> bool:
+    def _skips_on_device(self, layout: Layout) -> bool:
         """``nonfinite="skip"`` with a fused base optimizer whose state exists: the fused kernel skips
         the update when told so by a device flag (as under ``GradScaler``), so no step waits for the
         device.  A step that would create state is decided on the host: a fused kernel told to skip
@@ -288,13 +355,9 @@ class MLTPOptimizer(torch.optim.Optimizer):
         stepped = layout.params + (self._alphas.buckets if self.learn_alpha else [])
         return all(p in base.state for p in stepped)
 
-    def _clear_stale_alpha_gradients(self, layout: _Layout) -> None:
+    def _clear_stale_alpha_gradients(self, layout: Layout) -> None:
         """``model.zero_grad()`` after a step clears the weights' gradients but not the alphas': clear
         those too, with a warning, rather than add this step's ``dJ/dalpha`` to the last one's."""
-        state = self._state
-        if not state.stepped_since_zero_grad or not self.learn_alpha:
-            return
-        state.stepped_since_zero_grad = False
         if all(p.grad is None for p in layout.params) and any(
             b.grad is not None for b in self._alphas.buckets
         ):
@@ -341,20 +404,21 @@ class MLTPOptimizer(torch.optim.Optimizer):
     step.hooked = True  # type: ignore[attr-defined]  # hooks run around the base step (_hooked_step)
 
     def _step_unless_skipped(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        if closure is None and self._state.nonfinite.take_skip():
+        if closure is None and self._state.take_skip():
             return None
         return self._hooked_step(closure)
 
     @torch.optim.Optimizer.profile_hook_step
     def _hooked_step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        loss = None
+        loss, state = None, self._state
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-            if self._state.nonfinite.take_skip():
+            if state.take_skip():
                 return loss
-        self._warn_if_not_mltp_gradients()
-        resting = [a for a in range(len(self._alphas.spans)) if a not in self._state.alphas_with_gradient]
+        if state.stage is Stage.READY:
+            self._warn_if_not_mltp_gradients()
+        resting = [a for a in range(len(self._alphas.spans)) if a not in state.alphas_with_gradient]
         if self.learn_alpha and resting:  # frozen layers' alphas are held where they are
             with self._alphas.hold(resting, self.base_optimizer.state):
                 self._base_step()
@@ -362,20 +426,19 @@ class MLTPOptimizer(torch.optim.Optimizer):
             self._base_step()
         if (self.alpha_min is not None or self.alpha_max is not None) and self.learn_alpha:
             self._alphas.clamp(self.alpha_min, self.alpha_max)
-        self._state.stepped_since_zero_grad = True
+        state.stage = Stage.STEPPED
         return loss
 
     def _base_step(self) -> None:
-        if self._state.nonfinite.found_inf is None:
+        if self._state.found_inf is None:
             self.base_optimizer.step()
             return
-        with self._state.nonfinite.device_skip(self.base_optimizer):
+        with self._state.device_skip(self.base_optimizer):
             self.base_optimizer.step()
 
     def _warn_if_not_mltp_gradients(self) -> None:
         """A plain ``loss.backward(); opt.step()`` trains as the base optimizer alone: say so once."""
-        state = self._state
-        if state.backward_since_zero_grad or "plain backward" in state.warned:
+        if "plain backward" in self._state.warned:
             return
         if any(
             p.grad is not None for g in self.param_groups if not g.get(ALPHA_GROUP_KEY) for p in g["params"]
@@ -396,9 +459,7 @@ class MLTPOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients of the weights and of the alphas (and a pending skipped step)."""
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
-        state = self._state
-        state.nonfinite.reset()
-        state.backward_since_zero_grad = state.stepped_since_zero_grad = False
+        self._state.stage, self._state.found_inf = Stage.READY, None
         self._forget_alpha_gradients()
 
     def _forget_alpha_gradients(self) -> None:
@@ -421,7 +482,7 @@ class MLTPOptimizer(torch.optim.Optimizer):
             groups.append(groups.pop(at))
 
     # -- the step's tensors -----------------------------------------------------------------------
-    def _layout(self) -> _Layout:
+    def _layout(self) -> Layout:
         """Derived when the weight groups or their tensors' ``requires_grad`` change, so that added
         groups and (un)freezing are honoured."""
         held = [p for g in self.param_groups if not g.get(ALPHA_GROUP_KEY) for p in g["params"]]
@@ -434,7 +495,7 @@ class MLTPOptimizer(torch.optim.Optimizer):
             raise ValueError("the base optimizer holds no trainable parameter")
         return cache.layout
 
-    def _derive_layout(self, params: list[Tensor]) -> _Layout:
+    def _derive_layout(self, params: list[Tensor]) -> Layout:
         index_of = {id(p): k for k, p in enumerate(params)}
         selected, alpha_of = [], []
         for param, alpha_index in zip(self._selected_params, self._alpha_of):
@@ -452,7 +513,7 @@ class MLTPOptimizer(torch.optim.Optimizer):
         if self.foreach and not applies:
             raise ValueError("foreach=True needs plain dense tensors; pass foreach=None or False")
         foreach = applies if self.foreach is None else self.foreach
-        return _Layout(params, selected, alpha_of, dtype, foreach, Workspace())
+        return Layout(params, selected, alpha_of, dtype, foreach, _foreach.Workspace())
 
     # -- checkpoints and copies ----------------------------------------------------------------------
     def _settings(self) -> dict[str, Any]:
@@ -519,7 +580,11 @@ class MLTPOptimizer(torch.optim.Optimizer):
         self.eta, self.nonfinite = saved["eta"], saved["nonfinite"]
         self.alpha_min, self.alpha_max = saved.get("alpha_min"), saved.get("alpha_max")
         self.skipped_steps = saved["skipped_steps"]
-        self._state.nonfinite.reset()
+        if (
+            self._state.stage is Stage.SKIP
+        ):  # the gradients that a pending skip concerned are not this state's
+            self._state.stage = Stage.ACCUMULATED
+        self._state.found_inf = None
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -569,19 +634,7 @@ def task_closures(loss_fn: Callable[..., Tensor], *batch: Any) -> tuple[Closure,
             "last batch of one sample needs DataLoader(..., drop_last=True)"
         )
     halves = [x.chunk(2) if isinstance(x, Tensor) and x.dim() > 0 else (x, x) for x in batch]
-    task_i = [h[0] for h in halves]
-    task_j = [h[1] for h in halves]
-    return (lambda: loss_fn(*task_i)), (lambda: loss_fn(*task_j))
-
-
-def _averager(model: nn.Module, process_group: Optional[Any], tasks: str) -> Optional[GradientAverager]:
-    group = process_group if process_group is not None else process_group_of(model)
-    if group is None and tasks == "global":
-        raise ValueError(
-            "tasks='global' spreads the tasks over processes: pass a DistributedDataParallel model "
-            "or a process_group"
-        )
-    return None if group is None else GradientAverager(group)
+    return partial(loss_fn, *(h[0] for h in halves)), partial(loss_fn, *(h[1] for h in halves))
 
 
 def _held_layers(
@@ -606,8 +659,8 @@ def _make_alphas(
     std: float,
     bounds: tuple[Optional[float], Optional[float]],
     learn: bool,
-    store: Callable[..., Any] = AlphaStore,
-) -> tuple[AlphaStore, list[Tensor], list[int]]:
+    backend: Backend,
+) -> tuple[Any, list[Tensor], list[int]]:
     """One alpha per layer, tensor or element, drawn in order; each selected tensor and its alpha's index."""
     names, shapes, likes, selected, alpha_of = [], [], [], [], []
     for layer in layers:
@@ -618,7 +671,7 @@ def _make_alphas(
                 likes.append(param)
             selected.append(param)
             alpha_of.append(len(names) - 1)
-    return store(names, shapes, likes, mean, std, *bounds, learn), selected, alpha_of
+    return backend.make_alphas(names, shapes, likes, mean, std, *bounds, learn), selected, alpha_of
 
 
 def _add_alpha_group(base: torch.optim.Optimizer, buckets: list[Tensor], lr: Any) -> None:
@@ -631,19 +684,11 @@ def _add_alpha_group(base: torch.optim.Optimizer, buckets: list[Tensor], lr: Any
 
 
 def _promoted_dtype(params: list[Tensor]) -> torch.dtype:
-    dtype = params[0].dtype
+    """The widest real dtype of ``params`` (a complex tensor counts as its parts)."""
+    dtype = params[0].real.dtype
     for p in params[1:]:
-        dtype = torch.promote_types(dtype, p.dtype)
+        dtype = torch.promote_types(dtype, p.real.dtype)
     return dtype
-
-
-def _loss_scale(layout: _Layout, weight: float, scaler: Optional[Any]) -> Optional[Tensor]:
-    """What both losses are multiplied by before they are differentiated, in the gradients' dtype (so
-    that ``weight`` and ``eta`` are not rounded to float32): the scaler's scale times ``weight``."""
-    if scaler is None and weight == 1.0:
-        return None
-    one = torch.ones((), dtype=layout.dtype, device=layout.params[0].device)
-    return (one if scaler is None else scaler.scale(one)) * weight
 
 
 def _accumulate(tensors: list[Tensor], grads: list[Optional[Tensor]]) -> None:
@@ -661,18 +706,17 @@ def _accumulate(tensors: list[Tensor], grads: list[Optional[Tensor]]) -> None:
         torch._foreach_add_(existing, added)
 
 
-def _average_local(
-    averager: GradientAverager, result: MLTPGradients, eta: float, params: list[Tensor], alphas: list[Tensor]
-) -> MLTPGradients:
-    """``tasks="local"``: the mean over processes of ``J`` and of its gradients, in one pass."""
-    with_alphas = result.alpha_grads is not None
-    tensors = [result.loss_i, result.loss_j, *result.param_grads, *(result.alpha_grads or ())]
-    like = [result.loss_i, result.loss_j, *params, *(alphas if with_alphas else ())]
-    loss_i, loss_j, *grads = averager(tensors, like)
-    return MLTPGradients(
-        loss_i + eta * loss_j,
-        loss_i,
-        loss_j,
-        grads[: len(params)],
-        grads[len(params) :] if with_alphas else None,
-    )
+def _check_backward_arguments(closure_i: Any, closure_j: Any, weight: Any, scaler: Any) -> None:
+    if not (callable(closure_i) and callable(closure_j)):
+        raise TypeError(
+            "backward() takes two callables, closure_i and closure_j, each returning a scalar loss"
+        )
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "MLTPOptimizer cannot differentiate under torch.inference_mode(): call backward() and "
+            "step() outside that context"
+        )
+    if scaler is not None and not callable(getattr(scaler, "scale", None)):
+        raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+    if weight != 1.0:
+        check_real("weight", weight, positive=True)

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict
 import torch
 from torch import Tensor, nn
 
-from torch_mltp._sharded import _dtensor_class
+from torch_mltp.parallel.fsdp import dtensor_class
 
 from .distributed import Processes
 from .recipes import MLTP_MODES
@@ -96,7 +96,7 @@ def _like(value: Any, template: Any) -> Any:
 
 
 def _is_dtensor(value: Any) -> bool:
-    return isinstance(value, _dtensor_class())
+    return isinstance(value, dtensor_class())
 
 
 def _map(value: Any, fn: Callable[[Any], Any]) -> Any:

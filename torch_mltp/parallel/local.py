@@ -1,22 +1,69 @@
-"""MLTP's step sizes: stored flat, one tensor per device and dtype, seen per layer through views.
+"""One process: the :class:`LocalBackend`, and :class:`AlphaStore`, the alphas as every process holds them
+whole (this backend and DDP's).
 
-The base optimizer updates one tensor (a *bucket*) instead of one tiny tensor per layer, which keeps
-the cost of learning the alphas independent of the number of layers.  ``views[name]`` is the alpha of
-one layer (or tensor, or element block) as a view of its bucket: reading it, or its ``.grad`` after a
-backward pass, gives that layer's part.
+The alphas are stored flat, one tensor per device and dtype, and seen per layer through views.  The base
+optimizer updates one tensor (a *bucket*) instead of one tiny tensor per layer, which keeps the cost of
+learning the alphas independent of the number of layers.  ``views[name]`` is the alpha of one layer (or
+tensor, or element block) as a view of its bucket: reading it, or its ``.grad`` after a backward pass, gives
+that layer's part.
 
 A layer that receives no gradient in a step (frozen) must not move, although its bucket does:
-:meth:`AlphaStore.hold` puts the values and the per-element optimizer state of such alphas back
-after the base step.
+:meth:`AlphaStore.hold` puts the values and the per-element optimizer state of such alphas back after the
+base step.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, NamedTuple, Optional, Sequence
+from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+
+from ..functional import MLTPGradients, mltp_gradients
+from .backend import Backend, Outcome, Step
+
+
+class LocalBackend(Backend):
+    """One process: the step of :func:`torch_mltp.functional.mltp_gradients` on the layout's path."""
+
+    def make_alphas(self, *args: Any) -> AlphaStore:
+        return AlphaStore(*args)
+
+    def gradients(self, step: Step) -> Outcome:
+        return Outcome(self.mltp_gradients(step))
+
+    def mltp_gradients(self, step: Step, average: Optional[Any] = None) -> MLTPGradients:
+        """The step's gradients, its tasks averaged over processes by ``average`` if given."""
+        layout = step.layout
+        return mltp_gradients(
+            step.closure_i,
+            step.closure_j,
+            layout.params,
+            layout.selected,
+            step.alphas,
+            layout.alpha_of,
+            step.eta,
+            step.first_order,
+            alpha_grads=step.alpha_grads,
+            loss_scale=loss_scale(step),
+            average=average,
+            guard_lookahead=step.guard_lookahead,
+            foreach=layout.foreach,
+            workspace=layout.workspace,
+        )
+
+
+def loss_scale(step: Step) -> Optional[Tensor]:
+    """What both losses are multiplied by before they are differentiated: the scaler's scale times ``weight``,
+    in float32 or the gradients' wider dtype (so that ``weight`` is not rounded to half precision)."""
+    if step.scaler is None and step.weight == 1.0:
+        return None
+    layout = step.layout
+    dtype = torch.promote_types(layout.dtype, torch.float32)
+    one = torch.ones((), dtype=dtype, device=layout.params[0].device)
+    return (one if step.scaler is None else step.scaler.scale(one)) * step.weight
 
 
 class Span(NamedTuple):
@@ -97,29 +144,39 @@ class AlphaStore:
             if maximum is not None:
                 torch._foreach_clamp_max_(self.buckets, maximum)
 
+    def broadcast_from_first_rank(self, process_group: Any) -> None:
+        """Overwrite the alphas in every process of the group with the values of its first process."""
+        source = dist.get_global_rank(process_group, 0) if process_group is not None else 0
+        with torch.no_grad():
+            for bucket in self.buckets:
+                dist.broadcast(bucket.data, src=source, group=process_group)
+
     # -- gradients -----------------------------------------------------------------------------
-    def bucket_gradients(self, grads: Sequence[Optional[Tensor]]) -> list[Optional[Tensor]]:
-        """Per-alpha gradients (``None``: no gradient) laid out as the buckets; ``None`` for a bucket
-        none of whose alphas has a gradient."""
-        per_bucket: list[list[Tensor]] = [[] for _ in self.buckets]
-        present = [False] * len(self.buckets)
-        for grad, span in zip(grads, self.spans):
-            bucket = self.buckets[span.bucket]
-            if grad is None:
-                grad = torch.zeros(span.shape, dtype=bucket.dtype, device=bucket.device)
-            else:
-                present[span.bucket] = True
-            per_bucket[span.bucket].append(grad)
-        result: list[Optional[Tensor]] = []
-        for parts, used, bucket in zip(per_bucket, present, self.buckets):
-            if not used:
-                result.append(None)
+    def accumulate(self, grads: Sequence[Optional[Tensor]], received: set) -> None:
+        """Add per-alpha gradients (``None``: none) to their buckets' ``.grad``, as autograd accumulates, and
+        give each view its part; ``received`` (updated) holds the indices of the alphas that have one."""
+        for bucket, members in zip(self.buckets, self.members):
+            if all(grads[a] is None for a in members):
                 continue
-            whole = _whole(parts)
-            if whole is None:
+            parts = [self._gradient_or_zeros(grads[a], a) for a in members]
+            if all(part.dim() == 0 for part in parts):
+                whole = torch.stack(parts)
+            else:
                 whole = torch.cat([part.reshape(-1) for part in parts])
-            result.append(whole if whole.dtype == bucket.dtype else whole.to(bucket.dtype))
-        return result
+            if whole.dtype != bucket.dtype:
+                whole = whole.to(bucket.dtype)
+            if bucket.grad is None:
+                bucket.grad = whole
+            else:
+                bucket.grad.add_(whole)
+        received.update(a for a, g in enumerate(grads) if g is not None)
+        self.publish_gradients(received)
+
+    def _gradient_or_zeros(self, grad: Optional[Tensor], a: int) -> Tensor:
+        if grad is not None:
+            return grad
+        bucket = self.buckets[self.spans[a].bucket]
+        return torch.zeros(self.spans[a].shape, dtype=bucket.dtype, device=bucket.device)
 
     def publish_gradients(self, received: set) -> None:
         """Give each view the matching part of its bucket's ``.grad``; ``None`` for the alphas that
@@ -174,18 +231,3 @@ def _members(spans: Sequence[Span], num_buckets: int) -> list[list[int]]:
     for a, span in enumerate(spans):
         members[span.bucket].append(a)
     return members
-
-
-def _whole(parts: list[Tensor]) -> Optional[Tensor]:
-    """The 1-D tensor whose consecutive scalar entries ``parts`` are (``unbind``'s pieces), else ``None``."""
-    base = parts[0]._base
-    if base is None or base.dim() != 1 or len(base) != len(parts):
-        return None
-    for offset, part in enumerate(parts):
-        if (
-            part._base is not base
-            or part.dim() != 0
-            or part.storage_offset() != base.storage_offset() + offset
-        ):
-            return None
-    return base

@@ -35,10 +35,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._autograd import MLTPGradients, MLTPStepResult, evaluate_loss, raise_if_differentiated_twice
-from .alphas import AlphaStore
-from .distributed import broadcast_from_first_rank
-from .selection import Mode, unwrap_model
+from ..functional import MLTPGradients, evaluate_loss, raise_if_differentiated_twice
+from ..selection import Mode, unwrap_model
+from .backend import Backend, Outcome, Step
+from .local import AlphaStore
 
 
 def fsdp_modules(model: nn.Module) -> list[nn.Module]:
@@ -60,7 +60,7 @@ def _fsdp_module_class() -> Optional[type]:
     return FSDPModule
 
 
-def _dtensor_class() -> type:
+def dtensor_class() -> type:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch < 2.5
@@ -70,19 +70,19 @@ def _dtensor_class() -> type:
 
 def local(tensor: Tensor) -> Tensor:
     """A ``DTensor``'s local shard (the tensor itself otherwise): in-place changes reach the ``DTensor``."""
-    return tensor._local_tensor if isinstance(tensor, _dtensor_class()) else tensor
+    return tensor._local_tensor if isinstance(tensor, dtensor_class()) else tensor
 
 
-def sharded_step(
+def fsdp_backend(
     model: nn.Module, mode: Mode, tasks: Optional[str], process_group: Optional[Any]
-) -> Optional[ShardedStep]:
-    """The FSDP2 step for ``model``, or ``None`` when ``model`` is not sharded with ``fully_shard``.
+) -> Optional[FSDPBackend]:
+    """The backend for ``model``, or ``None`` when ``model`` is not sharded with ``fully_shard``.
 
     Refuses, with the ways that work, what FSDP cannot do: second-order modes, ``tasks="local"``, a
     model only partly sharded, a mesh of more than one dimension."""
     modules = fsdp_modules(model)
     if not modules:
-        dtensor = _dtensor_class() if dist.is_available() else None
+        dtensor = dtensor_class() if dist.is_available() else None
         if dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters()):
             raise ValueError(
                 "the model's parameters are FSDP shards, but fully_shard was applied to no module inside "
@@ -101,7 +101,7 @@ def sharded_step(
             "gradients over the processes before MLTP sees them: use tasks='global' (the default under "
             "FSDP): task i is the union of every process's first task, task j of every second task"
         )
-    dtensor = _dtensor_class()
+    dtensor = dtensor_class()
     plain = [n for n, p in unwrap_model(model).named_parameters() if not isinstance(p, dtensor)]
     if plain:
         raise ValueError(
@@ -121,26 +121,26 @@ def sharded_step(
         raise ValueError(
             "under FSDP the gradients are averaged over the model's device mesh: leave process_group unset"
         )
-    return ShardedStep(modules, mesh, group)
+    return FSDPBackend(modules, mesh, group)
 
 
-class ShardedStep:
-    """What :class:`~torch_mltp.MLTPOptimizer` does differently for a ``fully_shard``'ed model: how the
-    alphas are made, and the backward pass (see the module docstring)."""
+class FSDPBackend(Backend):
+    """First-order MLTP on a ``fully_shard``'ed model, from two backward passes (see the module docstring)."""
+
+    tasks = "global"
 
     def __init__(self, modules: list[nn.Module], mesh: Any, group: Any):
         self.modules, self.mesh, self.group = modules, mesh, group
         self.world_size = dist.get_world_size(group)
 
     def make_alphas(self, names: Sequence[str], shapes: Sequence[torch.Size], *args: Any) -> Any:
-        """``AlphaStore(names, shapes, likes, mean, std, minimum, maximum, learn)`` for scalar alphas,
-        as without FSDP (drawn by the first process, the same everywhere); :class:`ShardedAlphas` per
-        element."""
+        """Scalar alphas as without FSDP (drawn by the first process, the same everywhere); per element,
+        :class:`ShardedAlphas`."""
         if any(len(shape) for shape in shapes):
             return ShardedAlphas(names, *args)
         store = AlphaStore(names, shapes, *args)
         if self.world_size > 1:
-            broadcast_from_first_rank(store.buckets, self.group)
+            store.broadcast_from_first_rank(self.group)
         return store
 
     def reshard(self) -> None:
@@ -148,19 +148,16 @@ class ShardedStep:
         for module in self.modules:
             module.reshard()
 
-    def backward(self, opt: Any, closure_i: Any, closure_j: Any, weight: float, scaler: Any) -> Tensor:
-        """:meth:`MLTPOptimizer.backward` for a sharded model: accumulate ``weight * dJ/dw`` into the
-        weights' ``.grad`` and ``weight * dJ/dalpha`` into the alphas', and return ``J``."""
-        if scaler is not None:
+    def gradients(self, step: Step) -> Outcome:
+        if step.scaler is not None:
             raise ValueError(
                 "a GradScaler is not supported under FSDP: train in bfloat16 with fully_shard(..., "
                 "mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16)), which needs none"
             )
-        layout = opt._layout()
-        opt._clear_stale_alpha_gradients(layout)
-        params, alphas, eta = layout.params, opt._alphas.values, opt.eta
+        layout, alphas, eta, weight = step.layout, step.alphas, step.eta, step.weight
+        params = layout.params
         g_i, h_j, loss_i, loss_j = self._two_passes(
-            closure_i, closure_j, layout, alphas, guard=opt.nonfinite == "skip"
+            step.closure_i, step.closure_j, layout, alphas, step.guard_lookahead
         )
         sums, alpha_grads = _local_alpha_gradients(g_i, h_j, layout, alphas, eta * weight)
         grads = [_combined_in_place(g, h, eta, weight) for g, h in zip(g_i, h_j)]
@@ -183,14 +180,8 @@ class ShardedStep:
             marks[: len(params)],
             [None if g is None else m for g, m in zip(alpha_grads, judged)],
         )
-        state = opt._state
-        skipped = state.nonfinite.judge(verdict, opt.nonfinite, False)
-        state.last_result = MLTPStepResult(objective, loss_i, loss_j, skipped)
-        state.backward_since_zero_grad = True
-        if not skipped:
-            learned = alpha_grads if opt.learn_alpha else None
-            opt._accumulate(params, MLTPGradients(objective, loss_i, loss_j, grads, learned))
-        return objective
+        learned = alpha_grads if step.alpha_grads else None
+        return Outcome(MLTPGradients(objective, loss_i, loss_j, grads, learned), verdict)
 
     def _two_passes(
         self, closure_i: Any, closure_j: Any, layout: Any, alphas: list[Tensor], guard: bool
@@ -359,8 +350,13 @@ class ShardedAlphas:
             for alpha in self.buckets:
                 local(alpha).clamp_(minimum, maximum)
 
-    def bucket_gradients(self, grads: Sequence[Optional[Tensor]]) -> list[Optional[Tensor]]:
-        return list(grads)
+    def accumulate(self, grads: Sequence[Optional[Tensor]], received: set) -> None:
+        """Add per-alpha gradients to the alphas' ``.grad``; ``received`` (updated) holds the indices of the
+        alphas that have one."""
+        for alpha, grad in zip(self.buckets, grads):
+            if grad is not None:
+                alpha.grad = grad if alpha.grad is None else alpha.grad.add_(grad)
+        received.update(a for a, g in enumerate(grads) if g is not None)
 
     def publish_gradients(self, received: set) -> None:
         """Each alpha is its own bucket: its ``.grad`` is already the one to read."""
@@ -380,62 +376,3 @@ class ShardedAlphas:
             with torch.no_grad():
                 for tensor, value in kept:
                     local(tensor).copy_(value)
-
-
-class ShardedCheckpoint:
-    """A model and its :class:`~torch_mltp.MLTPOptimizer` as one entry of a ``torch.distributed.checkpoint``
-    (DCP) checkpoint: the weights and the optimizer state shard by shard, the alphas, the settings.
-
-    ``dcp.save({"train": ShardedCheckpoint(model, opt)}, checkpoint_id=folder)`` writes it and
-    ``dcp.load({"train": ShardedCheckpoint(model, opt)}, checkpoint_id=folder)`` restores it into a
-    freshly built model and optimizer (DCP calls :meth:`state_dict` and :meth:`load_state_dict`, the
-    protocol of ``torch.distributed.checkpoint.stateful.Stateful``).  DCP loads into tensors that exist,
-    so :meth:`state_dict` creates the base optimizer's state when it has none yet (a step with zero
-    gradients and learning rate 0, undone at once) and records that it was empty; a checkpoint written
-    before the first step restores an optimizer without state.  Works as well for a model that is not
-    sharded.
-    """
-
-    def __init__(self, model: nn.Module, optimizer: Any):
-        self.model, self.optimizer = model, optimizer
-
-    def state_dict(self) -> dict[str, Any]:
-        base = self.optimizer.base_optimizer
-        stepped = bool(base.state)
-        if not stepped:
-            _create_state(base)
-        state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "optimizer_has_state": torch.tensor(int(stepped)),
-        }
-        if not stepped:
-            base.state.clear()  # the template keeps the tensors that DCP loads into
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if not int(state["optimizer_has_state"]):
-            self.optimizer.base_optimizer.state.clear()
-
-
-def _create_state(base: torch.optim.Optimizer) -> None:
-    """Create ``base``'s per-tensor state with one step that changes nothing (zero gradients, learning
-    rate 0); the gradients and learning rates are put back."""
-    params = [p for group in base.param_groups for p in group["params"]]
-    grads = [p.grad for p in params]
-    rates = [group.get("lr") for group in base.param_groups]
-    try:
-        for p in params:
-            p.grad = torch.zeros_like(p) if p.requires_grad else None
-        for group, lr in zip(base.param_groups, rates):
-            if lr is not None:
-                group["lr"] = torch.zeros_like(lr) if isinstance(lr, Tensor) else 0.0
-        base.step()
-    finally:
-        for group, lr in zip(base.param_groups, rates):
-            if lr is not None:
-                group["lr"] = lr
-        for p, grad in zip(params, grads):
-            p.grad = grad

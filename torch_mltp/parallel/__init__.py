@@ -1,0 +1,46 @@
+"""How an MLTP step runs on each engine: one process, ``DistributedDataParallel``, FSDP2's ``fully_shard``.
+
+:func:`backend_for` chooses the backend once, when ``MLTPOptimizer`` is built; the optimizer never asks which
+engine it runs on after that.  :mod:`torch_mltp.parallel.backend` says what a backend does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..selection import Mode
+from .backend import Backend, Layout, Outcome, Step
+from .ddp import DDPBackend, check_wrapper, process_group_of
+from .fsdp import fsdp_backend
+from .local import AlphaStore, LocalBackend
+
+__all__ = ["AlphaStore", "Backend", "DDPBackend", "Layout", "LocalBackend", "Outcome", "Step", "backend_for"]
+
+
+def backend_for(
+    model: nn.Module,
+    mode: Mode,
+    tasks: Optional[str],
+    process_group: Optional[Any],
+    base: torch.optim.Optimizer,
+) -> Backend:
+    """The backend for ``model``: FSDP2's when it is sharded with ``fully_shard``, DDP's when it is a
+    ``DistributedDataParallel`` model or a ``process_group`` is given, else one process's.  Refuses, with the
+    ways that work, what no backend can do (see ``MLTPOptimizer``'s ``tasks`` and ``process_group``)."""
+    sharded = fsdp_backend(model, mode, tasks, process_group)
+    if sharded is not None:
+        return sharded
+    check_wrapper(model, base, process_group)
+    group = process_group if process_group is not None else process_group_of(model)
+    if group is None:
+        if tasks == "global":
+            raise ValueError(
+                "tasks='global' spreads the tasks over processes: pass a DistributedDataParallel model "
+                "or a process_group"
+            )
+        return LocalBackend()
+    ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
+    return DDPBackend(ddp, group, tasks or "local")
