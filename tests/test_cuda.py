@@ -93,3 +93,29 @@ def test_raise_waits_for_the_gpu_once_per_step():
     with pytest.raises(FloatingPointError, match="L_i"):
         step(poison=True)
     assert all(torch.equal(a, b) for a, b in zip(snapshot(model, opt), before))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_alpha_gradients_on_the_fused_gpu_path(dtype):
+    """A model held in bfloat16 / float16 on the GPU, on the default (fused) path: each layer's dJ/dalpha is
+    ``-eta * sum <h_j, g_i>`` summed in float64 from the same dtype's gradients (computed on the GPU with
+    plain autograd), up to the dtype's rounding, on layers of 1e5 to 1e6 entries."""
+    from test_precision import ETA, assert_alpha_gradients, half_mlp
+
+    widths = (1024, 1024, 100)
+    model = half_mlp(widths, dtype).cuda()
+    original = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(32, widths[0], generator=gen).to("cuda", dtype)
+    y = torch.randint(0, widths[-1], (32,), generator=gen).cuda()
+    task_i, task_j = (x[:16], y[:16]), (x[16:], y[16:])
+    opt = MLTPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, eta=ETA, alpha_init=0.05, mode="fo"
+    )
+    step_sizes = alphas_by_parameter(model, {n: a.detach().clone() for n, a in opt.alphas.items()}, "layer")
+    opt.zero_grad()
+    opt.backward(
+        lambda: F.cross_entropy(model(task_i[0]), task_i[1]),
+        lambda: F.cross_entropy(model(task_j[0]), task_j[1]),
+    )
+    assert_alpha_gradients(opt, original, task_i, task_j, step_sizes, dtype)

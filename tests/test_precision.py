@@ -85,6 +85,33 @@ def alpha_gradient(terms, names):
     return -ETA * products.sum(), products
 
 
+def assert_alpha_gradients(opt, original, task_i, task_j, step_sizes, dtype):
+    """Each layer's ``alpha.grad`` is ``-eta * sum <h_j, g_i>`` from ``original``'s gradients, summed in
+    float64, up to the dtype's rounding; returns the two references (lookahead rounded twice, once)."""
+    twice = first_order_terms(original, task_i, task_j, step_sizes, rounded_once=False)
+    once = first_order_terms(original, task_i, task_j, step_sizes, rounded_once=True)
+    unit_roundoff = torch.finfo(dtype).eps / 2
+    for layer, alpha in opt.alphas.items():
+        names = [n for n in step_sizes if n.rpartition(".")[0] == layer]
+        expected, products = alpha_gradient(twice, names)
+        # atol: each product h_j * g_i may be rounded to the dtype (a relative error of at most the unit
+        # roundoff u) before a sum carried in float32 or wider. Those errors are independent and of mean
+        # zero: their sum has a standard deviation below u * ||h_j * g_i||_2, and 8 of them bound it. The
+        # lookahead may be rounded once or twice, which moves h_j: the spread of the two references is
+        # added. A sum carried in the dtype itself is far less accurate (every addition rounds the running
+        # sum, an error that grows with the number of entries) and falls outside.
+        spread = (alpha_gradient(once, names)[0] - expected).abs()
+        atol = (8 * unit_roundoff * products.norm() + spread).item()
+        torch.testing.assert_close(
+            alpha.grad.double().cpu(),
+            expected.cpu(),
+            rtol=ALPHA_RTOL[dtype],
+            atol=atol,
+            msg=lambda m, n=layer: f"{n}: {m}",
+        )
+    return twice, once
+
+
 def assert_within(actual, expected, *, rtol, atol, slack, msg):
     """``|actual - expected| <= atol + rtol * |expected| + slack`` entry by entry, in float64."""
     error = (actual.double() - expected).abs()
@@ -118,27 +145,8 @@ def test_half_precision_gradients_match_an_independent_computation(dtype, widths
     opt.zero_grad()
     opt.backward(loss_closure(model, task_i), loss_closure(model, task_j))
 
-    twice = first_order_terms(original, task_i, task_j, step_sizes, rounded_once=False)
-    once = first_order_terms(original, task_i, task_j, step_sizes, rounded_once=True)
+    twice, once = assert_alpha_gradients(opt, original, task_i, task_j, step_sizes, dtype)
     unit_roundoff = torch.finfo(dtype).eps / 2
-    for layer, alpha in opt.alphas.items():
-        names = [n for n in step_sizes if n.rpartition(".")[0] == layer]
-        expected, products = alpha_gradient(twice, names)
-        # atol: each product h_j * g_i may be rounded to the dtype (a relative error of at most the unit
-        # roundoff u) before a sum carried in float32 or wider. Those errors are independent and of mean
-        # zero: their sum has a standard deviation below u * ||h_j * g_i||_2, and 8 of them bound it. The
-        # lookahead may be rounded once or twice, which moves h_j: the spread of the two references is
-        # added. A sum carried in the dtype itself is far less accurate (every addition rounds the running
-        # sum, an error that grows with the number of entries) and falls outside.
-        spread = (alpha_gradient(once, names)[0] - expected).abs()
-        atol = (8 * unit_roundoff * products.norm() + spread).item()
-        torch.testing.assert_close(
-            alpha.grad.double(),
-            expected,
-            rtol=ALPHA_RTOL[dtype],
-            atol=atol,
-            msg=lambda m, n=layer: f"{n}: {m}",
-        )
 
     # dJ/dw: torch.testing's default tolerances for the dtype, widened by the rounding of eta * h_j (and of
     # g_i) to the dtype before they are added, which matters where the two cancel, and by the spread of the

@@ -27,10 +27,12 @@ _ACCUMULATE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 # -- grouping ----------------------------------------------------------------------------------------
 class Group(NamedTuple):
-    """The indices of the tensors of one device and dtype, split by size (see the module docstring)."""
+    """The indices of the tensors of one device and dtype, split by size (see the module docstring), and
+    whether ``torch._foreach_*`` runs fused multi-tensor kernels on that device."""
 
     large: list[int]
     small: list[int]
+    fused: bool
 
 
 class AlphaGroup(NamedTuple):
@@ -42,6 +44,8 @@ class AlphaGroup(NamedTuple):
     """positions of the small ones, ordered by alpha: their products form one segmented sum"""
     segments: Optional[Tensor]
     """how many entries of the concatenated small products each alpha sums (on the group's device)"""
+    size: int
+    """the number of those entries"""
     elementwise: list[int]
     """positions of tensors whose alpha has their shape: the products themselves"""
 
@@ -55,7 +59,8 @@ def grouped(tensors: Sequence[Tensor]) -> list[Group]:
     groups = []
     for _, indices in by_kind.values():
         large = [k for k in indices if tensors[k].numel() >= constants.LARGE_TENSOR]
-        groups.append(Group(large, [k for k in indices if tensors[k].numel() < constants.LARGE_TENSOR]))
+        small = [k for k in indices if tensors[k].numel() < constants.LARGE_TENSOR]
+        groups.append(Group(large, small, _fused_kernels(tensors[indices[0]])))
     return groups
 
 
@@ -109,7 +114,8 @@ def _alpha_group(
             lengths[alpha_of[n]] += chosen[n].numel()
         segments = torch.tensor(lengths, device=chosen[small[0]].device)
     large = [n for n in scalar if n in set(group.large)]
-    return AlphaGroup(large, small, segments, [n for n in positions if alphas[alpha_of[n]].dim() > 0])
+    elementwise = [n for n in positions if alphas[alpha_of[n]].dim() > 0]
+    return AlphaGroup(large, small, segments, sum(chosen[n].numel() for n in small), elementwise)
 
 
 # -- the lookahead (eq. 3) -----------------------------------------------------------------------------
@@ -140,8 +146,10 @@ def lookahead(
                     directions = _zero_unless(finite, directions)
                 targets, origins = [out[k] for k in small], [params[k] for k in small]
                 torch._foreach_copy_(targets, origins)
-                factors = _foreach_operands([step_sizes[k] for k in small], origins)
-                torch._foreach_addcmul_(targets, directions, factors, value=-1)
+                factors = [step_sizes[k] for k in small]
+                torch._foreach_addcmul_(
+                    targets, directions, _expanded(factors, origins) if group.fused else factors, value=-1
+                )
         return out
 
 
@@ -151,18 +159,16 @@ def scale_by(groups: Sequence[Group], tensors: list[Tensor], factors: Sequence[T
         for k in group.large:
             tensors[k].mul_(factors[k])
         if group.small:
-            targets = [tensors[k] for k in group.small]
-            torch._foreach_mul_(targets, _foreach_operands([factors[k] for k in group.small], targets))
+            targets, operands = [tensors[k] for k in group.small], [factors[k] for k in group.small]
+            torch._foreach_mul_(targets, _expanded(operands, targets) if group.fused else operands)
 
 
-def _foreach_operands(factors: list[Tensor], likes: list[Tensor]) -> list[Tensor]:
-    """``factors`` ready to be the second operand of a ``_foreach_*`` operation over ``likes`` (one group).
+def _expanded(factors: list[Tensor], likes: list[Tensor]) -> list[Tensor]:
+    """``factors`` broadcast to the shapes of ``likes`` (one group), in one concatenation.
 
     On the CPU ``_foreach_*`` loops over the tensors, and a factor that broadcasts (a per-layer alpha) costs
     nothing extra.  Elsewhere the fused kernel takes only operands of equal shapes and would otherwise launch
-    one kernel per tensor: the factors are then expanded to their tensors' shapes in one concatenation."""
-    if not _fused_kernels(likes[0]):
-        return factors
+    one kernel per tensor: there the factors are expanded first."""
     block = torch.cat([f.to(like.dtype).expand_as(like).reshape(-1) for f, like in zip(factors, likes)])
     return _pieces(block, likes)
 
@@ -204,8 +210,17 @@ def alpha_gradients(
     sums: Optional[Tensor] = None  # one entry per alpha, summed over the groups
     products: list[Optional[Tensor]] = [None] * len(alphas)
     for group in groups:
-        if group.scalar_small:
-            group_sums = _segment_sums(group, h_selected, g_selected)
+        if group.scalar_small:  # the products of the small tensors concatenated, summed per alpha
+            first = h_selected[group.scalar_small[0]]
+            block = first.new_empty(group.size, dtype=_ACCUMULATE.get(first.dtype, first.dtype))
+            h_block = torch.cat([h_selected[n].reshape(-1) for n in group.scalar_small], out=block)
+            g_block = torch.cat(
+                [g_selected[n].reshape(-1) for n in group.scalar_small], out=torch.empty_like(block)
+            )
+            # unsafe: the lengths add up by construction, and checking them would synchronise with the device
+            group_sums = torch.segment_reduce(
+                h_block.mul_(g_block), "sum", lengths=group.segments, unsafe=True
+            )
             sums = group_sums if sums is None else sums.to(group_sums.device) + group_sums
         for n in group.scalar_large:
             sums = _add_at(sums, alpha_of[n], _dot(h_selected[n], g_selected[n]), len(alphas))
@@ -222,21 +237,6 @@ def alpha_gradients(
     return [
         g if g is None or g.dtype == alpha.dtype else g.to(alpha.dtype) for g, alpha in zip(grads, alphas)
     ]
-
-
-def _segment_sums(group: AlphaGroup, h_selected: Sequence[Tensor], g_selected: Sequence[Tensor]) -> Tensor:
-    """Per alpha, the sum of ``h * g`` over the group's small tensors (float32 for half precision)."""
-    first = h_selected[group.scalar_small[0]]
-    dtype = _ACCUMULATE.get(first.dtype, first.dtype)
-    total = sum(h_selected[n].numel() for n in group.scalar_small)
-    h_block = torch.cat(
-        [h_selected[n].reshape(-1) for n in group.scalar_small], out=first.new_empty(total, dtype=dtype)
-    )
-    g_block = torch.cat(
-        [g_selected[n].reshape(-1) for n in group.scalar_small], out=torch.empty_like(h_block)
-    )
-    # unsafe: the lengths add up by construction, and checking them would synchronise with the device
-    return torch.segment_reduce(h_block.mul_(g_block), "sum", lengths=group.segments, unsafe=True)
 
 
 def _add_at(sums: Optional[Tensor], index: int, value: Tensor, size: int) -> Tensor:
@@ -368,29 +368,25 @@ def finite_on_host(tensors: Sequence[Tensor]) -> bool:
     sum overflows), and an accelerator's tensors, are read exactly through :func:`_bounds`."""
     if not tensors:
         return True
-    if all(t.is_cpu for t in tensors) and math.isfinite(_sum(tensors)):
-        return True
+    if all(t.is_cpu for t in tensors):  # the sum of every entry: small tensors concatenated, large ones alone
+        small, sums = [], []
+        for t in tensors:
+            t = torch.view_as_real(t) if t.is_complex() else t
+            if t.numel() < constants.LARGE_TENSOR:
+                small.append(t.reshape(-1))
+            else:
+                sums.append(t.sum(dtype=_ACCUMULATE.get(t.dtype)))
+        if small:
+            block = torch.cat(small)
+            sums.append(block.sum(dtype=_ACCUMULATE.get(block.dtype)))
+        if math.isfinite((sums[0] if len(sums) == 1 else torch.stack(sums).sum()).item()):
+            return True
     return bool(_bounds(tensors).isfinite().all().item())
 
 
 def _real(tensors: Sequence[Tensor]) -> list[Tensor]:
     """Complex tensors as pairs of real entries (finite when both parts are)."""
     return [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
-
-
-def _sum(tensors: Sequence[Tensor]) -> float:
-    """The sum of every entry, read once: the small tensors concatenated, each large one on its own, never
-    copied; half precision summed in float32."""
-    small, sums = [], []
-    for t in _real(tensors):
-        if t.numel() < constants.LARGE_TENSOR:
-            small.append(t.reshape(-1))
-        else:
-            sums.append(t.sum(dtype=_ACCUMULATE.get(t.dtype)))
-    if small:
-        block = torch.cat(small)
-        sums.append(block.sum(dtype=_ACCUMULATE.get(block.dtype)))
-    return (sums[0] if len(sums) == 1 else torch.stack(sums).sum()).item()
 
 
 def _bounds(tensors: Sequence[Tensor]) -> Tensor:

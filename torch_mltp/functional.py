@@ -89,7 +89,7 @@ def single_tensor_mltp(
     guard_lookahead: bool = False,
 ) -> MLTPGradients:
     """One MLTP step, tensor by tensor (Algorithm 1, lines 3-6, and the gradients of line 7)."""
-    params, s = list(params), 1.0 if loss_scale is None else loss_scale
+    params, s = list(params), loss_scale
     # line 3: L_i(w) and g_i = dL_i/dw; its graph is kept for the exact dw'/dw = I - alpha * H_i
     with torch.enable_grad():
         loss_i = evaluate_loss(closure_i, "i")
@@ -99,7 +99,9 @@ def single_tensor_mltp(
         loss_i, *g_i = average([loss_i, *g_i], [loss_i, *params])
     # line 4: w'_S = w_S - alpha * g_i,S (g_i unscaled); guarded: w' = w unless g_i,S is finite
     g_selected = [_or_zeros(g_i[k], params[k]) for k in selected]
-    step_sizes = step_sizes_of(alphas, alpha_of, loss_scale)
+    step_sizes = (
+        [alphas[a].detach() for a in alpha_of] if s is None else scaled_step_sizes(alphas, alpha_of, s)
+    )
     with torch.no_grad():
         w_prime = [params[k] - alpha * g for k, alpha, g in zip(selected, step_sizes, g_selected)]
         if guard_lookahead or loss_scale is not None:
@@ -115,6 +117,7 @@ def single_tensor_mltp(
     # line 6: J = L_i(w) + eta * L_j(w')
     objective = loss_i + eta * loss_j
     # dJ/dalpha = -eta * <h_j,S, g_i,S> over the entries each alpha scales (half precision in float32)
+    scale = -eta if s is None else -eta / s
     alpha_result: Optional[list] = [None] * len(alphas) if alpha_grads else None
     for k, a, g in zip(selected, alpha_of, g_selected) if alpha_grads else ():
         accumulate = _foreach._ACCUMULATE.get(g.dtype, g.dtype)
@@ -123,7 +126,7 @@ def single_tensor_mltp(
         alpha_result[a] = product if alpha_result[a] is None else alpha_result[a] + product
     if alpha_result is not None:
         alpha_result = [
-            None if p is None else (p * (-eta / s)).to(alphas[a].dtype) for a, p in enumerate(alpha_result)
+            None if p is None else (p * scale).to(alphas[a].dtype) for a, p in enumerate(alpha_result)
         ]
     # dJ/dw = g_i + eta * h_j (first order: dw'/dw = I) ...
     param_grads = [_total(p, (g, 1.0), (h, eta)) for p, g, h in zip(params, g_i, h_j)]
@@ -167,7 +170,7 @@ def multi_tensor_mltp(
     returned; first-order steps write ``w'`` into storage kept in the ``workspace``; second-order steps
     hand each large weight its storage back as soon as its gradient at ``w'`` is complete.
     """
-    params = list(params)
+    params, s = list(params), loss_scale
     space = (workspace or Workspace()).prepare(params, selected, alphas, alpha_of)
     # line 3: L_i(w) and g_i = dL_i/dw; its graph is kept for the exact dw'/dw = I - alpha * H_i
     with torch.enable_grad():
@@ -179,7 +182,9 @@ def multi_tensor_mltp(
         loss_i, *g_i = average([loss_i, *g_i], [loss_i, *params])
     # line 4: w'_S = w_S - alpha * g_i,S (g_i unscaled); guarded: w' = w unless g_i,S is finite
     g_selected = [_or_zeros(g_i[k], params[k]) for k in selected]
-    step_sizes = step_sizes_of(alphas, alpha_of, loss_scale)
+    step_sizes = (
+        [alphas[a].detach() for a in alpha_of] if s is None else scaled_step_sizes(alphas, alpha_of, s)
+    )
     shifted = [params[k] for k in selected]
     with torch.no_grad():
         finite = all_finite(g_selected) if guard_lookahead or loss_scale is not None else None
@@ -195,7 +200,7 @@ def multi_tensor_mltp(
     # line 6: J = L_i(w) + eta * L_j(w')
     objective = loss_i + eta * loss_j
     # dJ/dalpha = -eta * <h_j,S, g_i,S> over the entries each alpha scales (half precision in float32)
-    scale = -eta if loss_scale is None else -eta / loss_scale
+    scale = -eta if s is None else -eta / s
     alpha_result = None
     if alpha_grads:
         h_selected = [_or_zeros(h_j[k], params[k]) for k in selected]
@@ -307,12 +312,8 @@ def differentiate(
         raise
 
 
-def step_sizes_of(
-    alphas: Sequence[Tensor], alpha_of: Sequence[int], loss_scale: Optional[Tensor]
-) -> list[Tensor]:
-    """The step size of each selected tensor, in its alpha's dtype: ``alpha / s`` (``g_i`` is scaled by ``s``)."""
-    if loss_scale is None:
-        return [alphas[a].detach() for a in alpha_of]
+def scaled_step_sizes(alphas: Sequence[Tensor], alpha_of: Sequence[int], loss_scale: Tensor) -> list[Tensor]:
+    """Each selected tensor's step size ``alpha / s`` (``g_i`` is scaled by ``s``), in the alpha's dtype."""
     scaled = {a: (alphas[a].detach() / loss_scale).to(alphas[a].dtype) for a in set(alpha_of)}
     return [scaled[a] for a in alpha_of]
 

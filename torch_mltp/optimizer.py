@@ -6,6 +6,7 @@ optimizer keeps between ``backward``, ``step`` and ``zero_grad`` is one :class:`
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -84,11 +85,13 @@ class StepState:
     def judge(self, verdict: MLTPGradients, policy: str, on_device: bool) -> bool:
         """Record one backward pass's verdict; ``True`` when the host found it non-finite (its gradients must
         then not be accumulated).  Raises ``FloatingPointError`` under ``"raise"``."""
+        grads = [g for g in (*verdict.param_grads, *(verdict.alpha_grads or ())) if g is not None]
+        checked = [verdict.loss_i, verdict.loss_j, *grads]
         if on_device:
-            flag = (~_foreach.all_finite(_checked(verdict))).float()
+            flag = (~_foreach.all_finite(checked)).float()
             self.found_inf = flag if self.found_inf is None else torch.maximum(self.found_inf, flag)
             return False
-        if _foreach.finite_on_host(_checked(verdict)):
+        if _foreach.finite_on_host(checked):
             return False
         if policy == "raise":
             raise FloatingPointError(
@@ -100,11 +103,11 @@ class StepState:
 
     def take_skip(self) -> bool:
         """Whether the coming step is skipped on the host (and count it)."""
-        if self.stage is not Stage.SKIP:
-            return False
-        self.stage = Stage.ACCUMULATED
-        self.skipped_on_host += 1
-        return True
+        skip = self.stage is Stage.SKIP
+        if skip:
+            self.stage = Stage.ACCUMULATED
+            self.skipped_on_host += 1
+        return skip
 
     @contextmanager
     def device_skip(self, base: Any) -> Iterator[None]:
@@ -120,12 +123,6 @@ class StepState:
             del base.found_inf
             self.found_inf = None
             self.skipped_on_device = flag if self.skipped_on_device is None else self.skipped_on_device + flag
-
-
-def _checked(result: MLTPGradients) -> list[Tensor]:
-    """``L_i``, ``L_j`` and the gradients of a step (the present ones)."""
-    grads = [g for g in (*result.param_grads, *(result.alpha_grads or ())) if g is not None]
-    return [result.loss_i, result.loss_j, *grads]
 
 
 def _first_nonfinite(result: MLTPGradients) -> str:
@@ -332,7 +329,7 @@ class MLTPOptimizer(torch.optim.Optimizer):
             self.nonfinite == "skip",
         )
         result, verdict = self._backend.gradients(step)
-        on_device = verdict is None and self._skips_on_device(layout)
+        on_device = verdict is None and self.nonfinite == "skip" and self._skips_on_device(layout)
         skipped = scaler is None and state.judge(verdict or result, self.nonfinite, on_device)
         state.last_result = MLTPStepResult(result.objective, result.loss_i, result.loss_j, skipped)
         if skipped:
@@ -392,21 +389,19 @@ class MLTPOptimizer(torch.optim.Optimizer):
                     "step() takes either two callables, closure_i and closure_j, or one torch.optim closure"
                 )
             objective = self.backward(closure_i, closure_j)
-            self._step_unless_skipped()
+            if not self._state.take_skip():
+                self._hooked_step()
             return objective
         if closure is not None and closure_i is not None:
             raise TypeError("step() got a closure twice")
         closure = closure if closure is not None else closure_i
         if closure is not None and not callable(closure):
             raise TypeError(f"step()'s closure must be callable, got {type(closure).__name__}")
-        return self._step_unless_skipped(closure)
-
-    step.hooked = True  # type: ignore[attr-defined]  # hooks run around the base step (_hooked_step)
-
-    def _step_unless_skipped(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         if closure is None and self._state.take_skip():
             return None
         return self._hooked_step(closure)
+
+    step.hooked = True  # type: ignore[attr-defined]  # hooks run around the base step (_hooked_step)
 
     @torch.optim.Optimizer.profile_hook_step
     def _hooked_step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
@@ -419,22 +414,16 @@ class MLTPOptimizer(torch.optim.Optimizer):
         if state.stage is Stage.READY:
             self._warn_if_not_mltp_gradients()
         resting = [a for a in range(len(self._alphas.spans)) if a not in state.alphas_with_gradient]
-        if self.learn_alpha and resting:  # frozen layers' alphas are held where they are
-            with self._alphas.hold(resting, self.base_optimizer.state):
-                self._base_step()
-        else:
-            self._base_step()
+        with contextlib.ExitStack() as context:
+            if self.learn_alpha and resting:  # frozen layers' alphas are held where they are
+                context.enter_context(self._alphas.hold(resting, self.base_optimizer.state))
+            if state.found_inf is not None:  # a fused base step skips itself on the device
+                context.enter_context(state.device_skip(self.base_optimizer))
+            self.base_optimizer.step()
         if (self.alpha_min is not None or self.alpha_max is not None) and self.learn_alpha:
             self._alphas.clamp(self.alpha_min, self.alpha_max)
         state.stage = Stage.STEPPED
         return loss
-
-    def _base_step(self) -> None:
-        if self._state.found_inf is None:
-            self.base_optimizer.step()
-            return
-        with self._state.device_skip(self.base_optimizer):
-            self.base_optimizer.step()
 
     def _warn_if_not_mltp_gradients(self) -> None:
         """A plain ``loss.backward(); opt.step()`` trains as the base optimizer alone: say so once."""

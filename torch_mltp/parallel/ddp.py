@@ -42,6 +42,7 @@ class DDPBackend(LocalBackend):
     def __init__(self, ddp: Optional[nn.parallel.DistributedDataParallel], process_group: Any, tasks: str):
         self.ddp, self.tasks = ddp, tasks
         self.average = GradientAverager(process_group)
+        self.average_tasks = self.average if tasks == "global" else None
 
     def make_alphas(self, *args: Any) -> AlphaStore:
         """The alphas drawn by the group's first process, the same in every process."""
@@ -51,10 +52,9 @@ class DDPBackend(LocalBackend):
         return store
 
     def gradients(self, step: Step) -> Outcome:
-        global_tasks = self.tasks == "global"
         with unsynced(self.ddp):
-            result = self.mltp_gradients(step, average=self.average if global_tasks else None)
-        if not global_tasks:
+            result = super().gradients(step).result
+        if self.tasks == "local":
             result = self._mean_over_processes(result, step)
         return Outcome(result)
 

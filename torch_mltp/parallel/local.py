@@ -21,23 +21,28 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..functional import MLTPGradients, mltp_gradients
+from ..functional import Average, mltp_gradients
 from .backend import Backend, Outcome, Step
 
 
 class LocalBackend(Backend):
     """One process: the step of :func:`torch_mltp.functional.mltp_gradients` on the layout's path."""
 
+    average_tasks: Optional[Average] = None
+    """averages the tasks' gradients over processes (``tasks="global"`` under DDP)"""
+
     def make_alphas(self, *args: Any) -> AlphaStore:
         return AlphaStore(*args)
 
     def gradients(self, step: Step) -> Outcome:
-        return Outcome(self.mltp_gradients(step))
-
-    def mltp_gradients(self, step: Step, average: Optional[Any] = None) -> MLTPGradients:
-        """The step's gradients, its tasks averaged over processes by ``average`` if given."""
         layout = step.layout
-        return mltp_gradients(
+        scale = None
+        if step.scaler is not None or step.weight != 1.0:  # in float32 at least: weight is not rounded
+            one = torch.ones(
+                (), dtype=torch.promote_types(layout.dtype, torch.float32), device=layout.params[0].device
+            )
+            scale = (one if step.scaler is None else step.scaler.scale(one)) * step.weight
+        result = mltp_gradients(
             step.closure_i,
             step.closure_j,
             layout.params,
@@ -47,23 +52,13 @@ class LocalBackend(Backend):
             step.eta,
             step.first_order,
             alpha_grads=step.alpha_grads,
-            loss_scale=loss_scale(step),
-            average=average,
+            loss_scale=scale,
+            average=self.average_tasks,
             guard_lookahead=step.guard_lookahead,
             foreach=layout.foreach,
             workspace=layout.workspace,
         )
-
-
-def loss_scale(step: Step) -> Optional[Tensor]:
-    """What both losses are multiplied by before they are differentiated: the scaler's scale times ``weight``,
-    in float32 or the gradients' wider dtype (so that ``weight`` is not rounded to half precision)."""
-    if step.scaler is None and step.weight == 1.0:
-        return None
-    layout = step.layout
-    dtype = torch.promote_types(layout.dtype, torch.float32)
-    one = torch.ones((), dtype=dtype, device=layout.params[0].device)
-    return (one if step.scaler is None else step.scaler.scale(one)) * step.weight
+        return Outcome(result)
 
 
 class Span(NamedTuple):
@@ -118,10 +113,13 @@ class AlphaStore:
             bucket.requires_grad_(learn)
 
     def _make_views(self) -> dict[str, Tensor]:
-        return {
+        views = {
             name: self.buckets[span.bucket].detach()[span.start : span.stop].view(span.shape)
             for name, span in zip(self.names, self.spans)
         }
+        self.values = list(views.values())
+        """The alphas in order (the views)."""
+        return views
 
     def __getstate__(self) -> dict:
         return {"names": self.names, "spans": self.spans, "buckets": self.buckets}
@@ -130,11 +128,6 @@ class AlphaStore:
         self.__dict__.update(state)
         self.views = self._make_views()  # pickle does not keep views aliased with their base
         self.members = _members(self.spans, len(self.buckets))
-
-    @property
-    def values(self) -> list[Tensor]:
-        """The alphas in order (views)."""
-        return list(self.views.values())
 
     def clamp(self, minimum: Optional[float], maximum: Optional[float]) -> None:
         """Keep every alpha in ``[minimum, maximum]``; a ``None`` bound is not applied."""
@@ -158,7 +151,7 @@ class AlphaStore:
         for bucket, members in zip(self.buckets, self.members):
             if all(grads[a] is None for a in members):
                 continue
-            parts = [self._gradient_or_zeros(grads[a], a) for a in members]
+            parts = [self._zeros(a) if grads[a] is None else grads[a] for a in members]
             if all(part.dim() == 0 for part in parts):
                 whole = torch.stack(parts)
             else:
@@ -172,9 +165,7 @@ class AlphaStore:
         received.update(a for a, g in enumerate(grads) if g is not None)
         self.publish_gradients(received)
 
-    def _gradient_or_zeros(self, grad: Optional[Tensor], a: int) -> Tensor:
-        if grad is not None:
-            return grad
+    def _zeros(self, a: int) -> Tensor:
         bucket = self.buckets[self.spans[a].bucket]
         return torch.zeros(self.spans[a].shape, dtype=bucket.dtype, device=bucket.device)
 
@@ -184,7 +175,14 @@ class AlphaStore:
         views = list(self.views.values())
         for bucket, members in zip(self.buckets, self.members):
             grad = bucket.grad
-            parts = None if grad is None else self._parts(grad, members)
+            parts = None
+            if grad is not None:  # the bucket's gradient cut into its alphas' views, in one operation
+                spans = [self.spans[a] for a in members]
+                if all(span.shape == torch.Size() for span in spans):
+                    parts = grad.unbind()
+                else:
+                    pieces = grad.split([span.stop - span.start for span in spans])
+                    parts = [piece.view(span.shape) for piece, span in zip(pieces, spans)]
             for position, a in enumerate(members):
                 view = views[a]
                 if parts is None or a not in received:
@@ -192,14 +190,6 @@ class AlphaStore:
                         view.grad = None
                 elif view.grad is None or view.grad._base is not grad:
                     view.grad = parts[position]
-
-    def _parts(self, grad: Tensor, members: list[int]) -> Sequence[Tensor]:
-        """A bucket's gradient cut into its alphas' views, with one operation for the bucket."""
-        spans = [self.spans[a] for a in members]
-        if all(span.shape == torch.Size() for span in spans):
-            return grad.unbind()
-        parts = grad.split([span.stop - span.start for span in spans])
-        return [part.view(span.shape) for part, span in zip(parts, spans)]
 
     # -- alphas that must rest -----------------------------------------------------------------------
     @contextmanager
