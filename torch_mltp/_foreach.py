@@ -211,16 +211,18 @@ def alpha_gradients(
     products: list[Optional[Tensor]] = [None] * len(alphas)
     for group in groups:
         if group.scalar_small:  # the products of the small tensors concatenated, summed per alpha
-            first = h_selected[group.scalar_small[0]]
-            block = first.new_empty(group.size, dtype=_ACCUMULATE.get(first.dtype, first.dtype))
-            h_block = torch.cat([h_selected[n].reshape(-1) for n in group.scalar_small], out=block)
-            g_block = torch.cat(
-                [g_selected[n].reshape(-1) for n in group.scalar_small], out=torch.empty_like(block)
-            )
+            hs, gs = [h_selected[n] for n in group.scalar_small], [g_selected[n] for n in group.scalar_small]
+            accumulate = _ACCUMULATE.get(hs[0].dtype)
+            if accumulate is None:
+                products_block = torch.cat([p.reshape(-1) for p in torch._foreach_mul(hs, gs)])
+            else:  # half precision: the factors in float32, so that no product is rounded or underflows
+                products_block = hs[0].new_empty(group.size, dtype=accumulate)
+                torch.cat([h.reshape(-1) for h in hs], out=products_block)
+                products_block.mul_(
+                    torch.cat([g.reshape(-1) for g in gs], out=torch.empty_like(products_block))
+                )
             # unsafe: the lengths add up by construction, and checking them would synchronise with the device
-            group_sums = torch.segment_reduce(
-                h_block.mul_(g_block), "sum", lengths=group.segments, unsafe=True
-            )
+            group_sums = torch.segment_reduce(products_block, "sum", lengths=group.segments, unsafe=True)
             sums = group_sums if sums is None else sums.to(group_sums.device) + group_sums
         for n in group.scalar_large:
             sums = _add_at(sums, alpha_of[n], _dot(h_selected[n], g_selected[n]), len(alphas))

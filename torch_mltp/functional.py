@@ -182,9 +182,7 @@ def multi_tensor_mltp(
         loss_i, *g_i = average([loss_i, *g_i], [loss_i, *params])
     # line 4: w'_S = w_S - alpha * g_i,S (g_i unscaled); guarded: w' = w unless g_i,S is finite
     g_selected = [_or_zeros(g_i[k], params[k]) for k in selected]
-    step_sizes = (
-        [alphas[a].detach() for a in alpha_of] if s is None else scaled_step_sizes(alphas, alpha_of, s)
-    )
+    step_sizes = [alphas[a] for a in alpha_of] if s is None else scaled_step_sizes(alphas, alpha_of, s)
     shifted = [params[k] for k in selected]
     with torch.no_grad():
         finite = all_finite(g_selected) if guard_lookahead or loss_scale is not None else None
