@@ -155,6 +155,29 @@ def inner_module_of_ddp(rank: int) -> dict:
     return {"error": error, "wrapped": ddp is not None}
 
 
+def compiled_and_static_graph(rank: int) -> dict:
+    """``torch.compile(DDP(model))`` is looked through: its steps equal ``DDP(model)``'s; a DDP model built
+    with ``static_graph=True`` is refused when the optimizer is built."""
+    trained = {}
+    for label in ("plain", "compiled"):
+        model = make_model()
+        ddp = DistributedDataParallel(model, find_unused_parameters=True)
+        wrapped = torch.compile(ddp, backend="eager") if label == "compiled" else ddp
+        torch.manual_seed(7)
+        opt = MLTPOptimizer(torch.optim.SGD(wrapped.parameters(), lr=0.1), wrapped, mode="fo", tasks="global")
+        for step in range(2):
+            opt.zero_grad()
+            opt.step(*closures(wrapped, *shard(step, rank)))
+        trained[label] = snapshot(model, opt)
+    try:
+        static = DistributedDataParallel(make_model(), static_graph=True)
+        MLTPOptimizer(torch.optim.SGD(static.parameters(), lr=0.1), static, mode="fo")
+        error = None
+    except ValueError as err:
+        error = str(err)
+    return {**trained, "static_graph_error": error}
+
+
 def failing_closure(rank: int) -> dict:
     """Rank 1's closure raises: its weights are restored; rank 0 fails in the next collective."""
     group = dist.new_group(backend="gloo", timeout=timedelta(seconds=5))
@@ -199,6 +222,7 @@ def main() -> None:
     results["resume"] = resume(rank, out)
     results["batchnorm"] = {flag: batchnorm_statistics(rank, flag) for flag in (True, False)}
     results["inner_module"] = inner_module_of_ddp(rank)
+    results["compiled"] = compiled_and_static_graph(rank)
     torch.save(results, out / f"rank{rank}.pt")  # before the failure scenario, which may break the group
     failure = failing_closure(rank)
     torch.save({**results, "failure": failure}, out / f"rank{rank}.pt")

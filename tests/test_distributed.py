@@ -128,6 +128,20 @@ def test_the_module_inside_a_ddp_wrapper_is_refused_with_the_fix(ranks):
         assert error is not None and "MLTPOptimizer(base, ddp_model" in error
 
 
+def test_a_compiled_ddp_model_is_looked_through_and_a_static_graph_is_refused(ranks):
+    initial = dict(make_model().named_parameters())
+    for saved in ranks:
+        plain, compiled = saved["compiled"]["plain"], saved["compiled"]["compiled"]
+        assert any(not torch.equal(plain[n], initial[n]) for n in initial if not n.startswith("unused."))
+        for name in plain:
+            assert torch.equal(compiled[name], plain[name]), name
+        error = saved["compiled"]["static_graph_error"]
+        assert error is not None and "static_graph" in error
+    assert all(
+        torch.equal(ranks[0]["compiled"]["compiled"][n], ranks[1]["compiled"]["compiled"][n]) for n in initial
+    )
+
+
 def test_a_raising_closure_restores_its_rank_and_the_other_rank_fails_instead_of_hanging(ranks):
     waiting, raising = (saved["failure"] for saved in ranks)
     assert raising["error"].startswith("KeyError") and raising["unchanged"] and raising["grads_none"]

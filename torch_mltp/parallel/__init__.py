@@ -13,7 +13,7 @@ from torch import nn
 
 from ..selection import Mode
 from .backend import Backend, Layout, Outcome, Step
-from .ddp import DDPBackend, check_wrapper, process_group_of
+from .ddp import DDPBackend, check_wrapper, ddp_of
 from .fsdp import fsdp_backend
 from .local import AlphaStore, LocalBackend
 
@@ -34,7 +34,8 @@ def backend_for(
     if sharded is not None:
         return sharded
     check_wrapper(model, base, process_group)
-    group = process_group if process_group is not None else process_group_of(model)
+    ddp = ddp_of(model)
+    group = process_group if process_group is not None else getattr(ddp, "process_group", None)
     if group is None:
         if tasks == "global":
             raise ValueError(
@@ -42,5 +43,4 @@ def backend_for(
                 "or a process_group"
             )
         return LocalBackend()
-    ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
     return DDPBackend(ddp, group, tasks or "local")

@@ -68,11 +68,21 @@ class DDPBackend(LocalBackend):
         return MLTPGradients(loss_i + step.eta * loss_j, loss_i, loss_j, grads[: len(params)], alpha_grads)
 
 
-def process_group_of(model: nn.Module) -> Optional[Any]:
-    """The process group of a ``DistributedDataParallel`` model, else ``None``."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return model.process_group
-    return None
+def ddp_of(model: nn.Module) -> Optional[nn.parallel.DistributedDataParallel]:
+    """``model`` if it is a ``DistributedDataParallel`` module, or the one inside ``torch.compile``'s wrapper
+    (``torch.compile(DDP(model))``); else ``None``.  Refuses ``static_graph=True``, which MLTP cannot run."""
+    while not isinstance(model, nn.parallel.DistributedDataParallel):
+        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if not isinstance(inner, nn.Module):
+            return None
+        model = inner
+    if getattr(model, "static_graph", False):
+        raise ValueError(
+            "DistributedDataParallel(static_graph=True) is not supported: MLTP differentiates with "
+            "torch.autograd.grad under no_sync(), which a static graph's reducer does not allow. Build the "
+            "DistributedDataParallel model without static_graph"
+        )
+    return model
 
 
 @contextmanager
@@ -97,7 +107,7 @@ def check_wrapper(model: nn.Module, base: torch.optim.Optimizer, process_group: 
     if fsdp1 is not None and any(isinstance(m, fsdp1) for m in unwrap_model(model).modules()):
         raise ValueError(_FSDP1_MESSAGE)
     if (
-        isinstance(model, nn.parallel.DistributedDataParallel)
+        ddp_of(model) is not None
         or process_group is not None
         or not (dist.is_available() and dist.is_initialized())
         or dist.get_world_size() < 2
