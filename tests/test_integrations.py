@@ -242,6 +242,76 @@ def test_accumulation_and_clipping_equal_the_hand_written_loop(make_model, data,
     assert all(entry["grad_norm"] > 0.05 for entry in trainer.state.log_history if "loss" in entry)
 
 
+class InOrder(RecordingTrainer):
+    """Takes the examples in the data set's order, so that a test knows which micro-batch and task holds
+    which; records the gradients that the optimizer step receives."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    def optimizer_step_gradients(self):
+        opt = unwrap_optimizer(self.optimizer)
+        return {n: p.grad.clone() for n, p in self.model.named_parameters()}, {
+            n: a.grad.clone() for n, a in opt.alphas.items()
+        }
+
+
+class _RecordGradients(transformers.TrainerCallback):
+    def __init__(self, trainer):
+        self.trainer, self.recorded = trainer, None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.recorded = self.trainer.optimizer_step_gradients()
+
+
+def unlabelled(rows):
+    return [{**row, "labels": torch.full_like(row["labels"], -100)} for row in rows]
+
+
+def test_a_micro_batch_without_counted_items_adds_nothing(tmp_path):
+    """Every label -100 in the second micro-batch (n_m = 0): the step is the first micro-batch's alone, as
+    in the plain Trainer."""
+    rows = language_data(16)
+    model = llama()
+    reference = copy.deepcopy(model)
+    trainer = InOrder(
+        model=model,
+        args=arguments(tmp_path, gradient_accumulation_steps=2, lr_scheduler_type="constant"),
+        train_dataset=rows[:8] + unlabelled(rows[8:]),
+        mltp=dict(MLTP),
+    )
+    trainer.train()
+    assert len(trainer.seen) == 2 and items(trainer.seen[1]) == 0 < items(trainer.seen[0])
+    opt, objectives = hand_written(reference, [trainer.seen[:1]])
+    assert_same_training(trainer, reference, opt)
+    assert losses(trainer) == pytest.approx(objectives, rel=1e-6)
+
+
+@pytest.mark.parametrize("empty", ["i", "j"])
+def test_a_task_without_counted_items_has_loss_zero(tmp_path, empty):
+    """A task whose labels are all -100 has the loss 0 of a sum over no items: with task j empty
+    ``J = L_i`` and ``dJ/dw = g_i``; with task i empty ``g_i = 0``, ``w' = w`` and ``J = eta * L_j(w)``;
+    ``dJ/dalpha = 0`` either way."""
+    rows = language_data(8)
+    rows = unlabelled(rows[:4]) + rows[4:] if empty == "i" else rows[:4] + unlabelled(rows[4:])
+    model = llama()
+    reference = copy.deepcopy(model)
+    trainer = InOrder(model=model, args=arguments(tmp_path), train_dataset=rows, mltp=dict(MLTP))
+    recorder = _RecordGradients(trainer)
+    trainer.add_callback(recorder)
+    trainer.train()
+    batch = trainer.seen[0]
+    counted = {k: v[4:] if empty == "i" else v[:4] for k, v in batch.items()}
+    loss = reference(**counted)["loss"]
+    factor = MLTP["eta"] if empty == "i" else 1.0
+    expected = torch.autograd.grad(factor * loss, list(reference.parameters()), allow_unused=True)
+    grads, alpha_grads = recorder.recorded
+    for (name, grad), want in zip(grads.items(), expected):
+        torch.testing.assert_close(grad, torch.zeros_like(grad) if want is None else want, msg=name)
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in alpha_grads.values())
+    assert losses(trainer) == pytest.approx([factor * loss.item()], rel=1e-6)
+
+
 def test_bf16_autocast_equals_the_hand_written_loop_under_autocast(tmp_path):
     model = bert()
     reference, full_precision = copy.deepcopy(model), copy.deepcopy(model)

@@ -69,24 +69,37 @@ class MLTPTrainer(Trainer):
     def training_step(
         self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
     ) -> torch.Tensor:
-        """``opt.backward`` on the two halves of ``inputs`` with weight ``w_m``; returns ``w_m * J``."""
+        """``opt.backward`` on the two halves of ``inputs`` with weight ``w_m``; returns ``w_m * J``.
+
+        Where the ``Trainer`` counts items, a micro-batch without any (every label ``-100``) adds nothing, as
+        in the plain ``Trainer``, and a task without any has the loss 0 of a sum over no items: with task j
+        empty ``J = L_i``, with task i empty ``J = eta * L_j(w)`` (``g_i = 0``, so ``w' = w``)."""
         model.train()
         inputs = self._prepare_inputs(inputs)
         if num_items_in_batch is None:
             weight = 1.0 / self.current_gradient_accumulation_steps
         else:
-            _, items = self.get_batch_samples(iter([inputs]), 1, self.args.device)
+            items = self._counted_items(inputs)
+            if items == 0:
+                return torch.zeros((), device=self.args.device)
             weight = float(items / num_items_in_batch)
         keys = list(inputs)
 
         def task_loss(*values: Any) -> torch.Tensor:
+            task = dict(zip(keys, values))
+            if num_items_in_batch is not None and self._counted_items(task) == 0:
+                return _zero_loss(model)
             with self.compute_loss_context_manager():
-                return self.compute_loss(model, dict(zip(keys, values)))
+                return self.compute_loss(model, task)
 
         objective = unwrap_optimizer(self.optimizer).backward(
             *task_closures(task_loss, *inputs.values()), weight=weight, scaler=self.accelerator.scaler
         )
         return objective * weight
+
+    def _counted_items(self, inputs: dict[str, Any]) -> Any:
+        """The items of ``inputs`` that the ``Trainer`` counts for ``num_items_in_batch``."""
+        return self.get_batch_samples(iter([inputs]), 1, self.args.device)[1]
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
         """The ``Trainer``'s logs, and with the training loss the alphas as ``alpha/<name>``."""
@@ -94,6 +107,12 @@ class MLTPTrainer(Trainer):
             alphas = unwrap_optimizer(self.optimizer).alphas
             logs.update({f"alpha/{name}": alpha.mean().item() for name, alpha in alphas.items()})
         super().log(logs, start_time)
+
+
+def _zero_loss(model: torch.nn.Module) -> torch.Tensor:
+    """A loss of 0 whose gradient is zero: a sum over no items, tied to the graph of one parameter."""
+    param = next(p for p in model.parameters() if p.requires_grad)
+    return param.reshape(-1)[:1].sum() * 0.0
 
 
 class _ClearAlphaGradients(TrainerCallback):
