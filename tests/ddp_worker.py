@@ -12,6 +12,7 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -155,6 +156,34 @@ def inner_module_of_ddp(rank: int) -> dict:
     return {"error": error, "wrapped": ddp is not None}
 
 
+def wrapped_after_the_optimizer(mode, rank: int) -> dict:
+    """``tasks="global"`` for a model wrapped in DDP after the optimizer is built (as the Trainer,
+    accelerate and Lightning do): one step's gradients, as ``one_step_gradients`` records them."""
+    model = make_model()
+    torch.manual_seed(100 + rank)  # the processes draw different alphas: rank 0's must win
+    opt = MLTPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, mode=mode, tasks="global")
+    ddp = DistributedDataParallel(model, find_unused_parameters=True)
+    alphas = {n: a.detach().clone() for n, a in opt.alphas.items()}
+    J = opt.backward(*closures(ddp, *shard(0, rank)))
+    return {
+        "J": J,
+        "alphas": alphas,
+        "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+        "alpha_grads": {n: None if a.grad is None else a.grad.clone() for n, a in opt.alphas.items()},
+    }
+
+
+def never_wrapped(rank: int) -> Optional[str]:
+    """``tasks="global"`` over two processes without a DDP wrapper by the first backward: refused."""
+    model = make_model()
+    opt = MLTPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, mode="fo", tasks="global")
+    try:
+        opt.backward(*closures(model, *shard(0, rank)))
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def compiled_and_static_graph(rank: int) -> dict:
     """``torch.compile(DDP(model))`` is looked through: its steps equal ``DDP(model)``'s; a DDP model built
     with ``static_graph=True`` is refused when the optimizer is built."""
@@ -223,6 +252,9 @@ def main() -> None:
     results["batchnorm"] = {flag: batchnorm_statistics(rank, flag) for flag in (True, False)}
     results["inner_module"] = inner_module_of_ddp(rank)
     results["compiled"] = compiled_and_static_graph(rank)
+    for name, mode in MODES.items():
+        results[f"wrapped_later/{name}"] = wrapped_after_the_optimizer(mode, rank)
+    results["never_wrapped"] = never_wrapped(rank)
     torch.save(results, out / f"rank{rank}.pt")  # before the failure scenario, which may break the group
     failure = failing_closure(rank)
     torch.save({**results, "failure": failure}, out / f"rank{rank}.pt")

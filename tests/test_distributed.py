@@ -71,7 +71,22 @@ def expected_step(tasks, mode, alphas):
 @pytest.mark.parametrize("tasks", ["local", "global"])
 @pytest.mark.parametrize("mode", list(MODES))
 def test_one_step_equals_the_single_process_computation(ranks, tasks, mode):
-    steps = [saved[f"{tasks}/{mode}/step"] for saved in ranks]
+    assert_single_process_step([saved[f"{tasks}/{mode}/step"] for saved in ranks], tasks, mode)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_model_wrapped_after_the_optimizer_steps_as_one_process_on_the_union(ranks, mode):
+    """``tasks="global"`` with the DDP wrapper made after the optimizer (as the engines do): the first
+    backward finds it, and the step is the single-process step on the union of the tasks."""
+    assert_single_process_step([saved[f"wrapped_later/{mode}"] for saved in ranks], "global", mode)
+
+
+def test_global_tasks_without_a_wrapper_are_refused_at_the_first_backward(ranks):
+    for saved in ranks:
+        assert "DistributedDataParallel" in saved["never_wrapped"]
+
+
+def assert_single_process_step(steps, tasks, mode):
     for name in steps[0]["alphas"]:  # rank 0's draw was broadcast
         assert torch.equal(steps[0]["alphas"][name], steps[1]["alphas"][name])
     J, weight_grads, alpha_grads = expected_step(tasks, MODES[mode], steps[0]["alphas"])

@@ -38,21 +38,25 @@ class MLTPTrainer(Trainer):
     ``w_m = 1 / k`` for ``k`` micro-batches when the ``Trainer`` counts none.  The logged ``loss``
     is ``sum_m w_m J_m``, and every alpha is logged as ``alpha/<name>`` (a name of ``opt.alphas``; the
     mean for ``alpha_per="element"``).
+
+    On several processes (``torchrun`` or ``accelerate launch``; DistributedDataParallel) the tasks are
+    the unions of every process's halves (``tasks="global"``): every process computes the step that one
+    process computes on the union, and ``n_m`` and ``N`` are counted over all processes.  Every
+    micro-batch's step averages its own gradients, also under the ``Trainer``'s ``no_sync`` between the
+    micro-batches of one optimizer step.
     """
 
     def __init__(self, *args: Any, mltp: Optional[dict[str, Any]] = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if (
-            self.args.world_size > 1
-            or self.args.n_gpu > 1
-            or self.is_deepspeed_enabled
-            or self.is_fsdp_enabled
-        ):
+        if self.args.n_gpu > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError(
-                "MLTPTrainer trains in one process on one device; for several processes use torchrun "
-                "with DistributedDataParallel (docs/distributed.md)"
+                "MLTPTrainer trains one process per device, under DistributedDataParallel when there are "
+                "several (torchrun or accelerate launch); several GPUs in one process (DataParallel), "
+                "DeepSpeed and FSDP are not supported"
             )
         self.mltp = dict(mltp or {})
+        if self.args.world_size > 1:  # every process computes the step of the union of the tasks
+            self.mltp.setdefault("tasks", "global")
         self.add_callback(_ClearAlphaGradients())
 
     def create_optimizer(self, model: Optional[torch.nn.Module] = None) -> torch.optim.Optimizer:
@@ -78,11 +82,17 @@ class MLTPTrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
         if num_items_in_batch is None:
             weight = 1.0 / self.current_gradient_accumulation_steps
-        else:
-            items = self._counted_items(inputs)
+        else:  # the same in every process: the step's collectives then match
+            items, total = self._counted_items(inputs), num_items_in_batch
+            if self.args.world_size > 1 and not self.args.average_tokens_across_devices:
+                gather = self.accelerator.gather
+                items, total = (
+                    gather(torch.as_tensor(n, device=self.args.device).reshape(1)).sum()
+                    for n in (items, total)
+                )
             if items == 0:
                 return torch.zeros((), device=self.args.device)
-            weight = float(items / num_items_in_batch)
+            weight = float(items / total)
         keys = list(inputs)
 
         def task_loss(*values: Any) -> torch.Tensor:
@@ -98,7 +108,8 @@ class MLTPTrainer(Trainer):
         return objective * weight
 
     def _counted_items(self, inputs: dict[str, Any]) -> Any:
-        """The items of ``inputs`` that the ``Trainer`` counts for ``num_items_in_batch``."""
+        """The items of ``inputs`` that the ``Trainer`` counts for ``num_items_in_batch`` (summed over the
+        processes with ``average_tokens_across_devices``)."""
         return self.get_batch_samples(iter([inputs]), 1, self.args.device)[1]
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:

@@ -9,15 +9,26 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..selection import Mode
 from .backend import Backend, Layout, Outcome, Step
-from .ddp import DDPBackend, check_wrapper, ddp_of
+from .ddp import DDPBackend, DeferredDDPBackend, check_wrapper, ddp_of
 from .fsdp import fsdp_backend
 from .local import AlphaStore, LocalBackend
 
-__all__ = ["AlphaStore", "Backend", "DDPBackend", "Layout", "LocalBackend", "Outcome", "Step", "backend_for"]
+__all__ = [
+    "AlphaStore",
+    "Backend",
+    "DDPBackend",
+    "DeferredDDPBackend",
+    "Layout",
+    "LocalBackend",
+    "Outcome",
+    "Step",
+    "backend_for",
+]
 
 
 def backend_for(
@@ -27,20 +38,24 @@ def backend_for(
     process_group: Optional[Any],
     base: torch.optim.Optimizer,
 ) -> Backend:
-    """The backend for ``model``: FSDP2's when it is sharded with ``fully_shard``, DDP's when it is a
-    ``DistributedDataParallel`` model or a ``process_group`` is given, else one process's.  Refuses, with the
-    ways that work, what no backend can do (see ``MLTPOptimizer``'s ``tasks`` and ``process_group``)."""
+    """The backend for ``model``: FSDP2's when it is sharded with ``fully_shard``; DDP's when it is a
+    ``DistributedDataParallel`` model or a ``process_group`` is given, or with ``tasks="global"`` once a
+    process group exists (an engine wraps the model later: :class:`DeferredDDPBackend`); else one
+    process's.  Refuses, with the ways that work, what no backend can do."""
     sharded = fsdp_backend(model, mode, tasks, process_group)
     if sharded is not None:
         return sharded
     check_wrapper(model, base, process_group)
     ddp = ddp_of(model)
     group = process_group if process_group is not None else getattr(ddp, "process_group", None)
+    if group is None and tasks == "global" and dist.is_available() and dist.is_initialized():
+        return DeferredDDPBackend(tasks)  # an engine wraps the model later
     if group is None:
         if tasks == "global":
             raise ValueError(
-                "tasks='global' spreads the tasks over processes: pass a DistributedDataParallel model "
-                "or a process_group"
+                "tasks='global' spreads the tasks over processes: pass a DistributedDataParallel model or "
+                "a process_group, or initialise the process group first for a model that an engine wraps "
+                "in DistributedDataParallel after the optimizer is built"
             )
         return LocalBackend()
     return DDPBackend(ddp, group, tasks or "local")

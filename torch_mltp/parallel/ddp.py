@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ..functional import MLTPGradients
 from ..selection import unwrap_model
-from .backend import Outcome, Step
+from .backend import Backend, Outcome, Step
 from .local import AlphaStore, LocalBackend
 
 
@@ -66,6 +66,50 @@ class DDPBackend(LocalBackend):
         loss_i, loss_j, *grads = self.average(tensors, like)
         alpha_grads = grads[len(params) :] if with_alphas else None
         return MLTPGradients(loss_i + step.eta * loss_j, loss_i, loss_j, grads[: len(params)], alpha_grads)
+
+
+class DeferredDDPBackend(Backend):
+    """``tasks`` over processes for a model that an engine wraps in ``DistributedDataParallel`` after the
+    optimizer is built (the ``Trainer``, accelerate, Lightning): the first ``backward`` finds the wrapper
+    that holds the parameters (the model the closures call) and every step is :class:`DDPBackend`'s with
+    it.  In one process without a wrapper the step is :class:`LocalBackend`'s."""
+
+    def __init__(self, tasks: str):
+        self.tasks = tasks
+        self._engine: Optional[Backend] = None
+
+    def make_alphas(self, *args: Any) -> AlphaStore:
+        """The alphas drawn by the default group's first process, the same in every process."""
+        store = AlphaStore(*args)
+        if dist.get_world_size() > 1:
+            store.broadcast_from_first_rank(None)
+        return store
+
+    def gradients(self, step: Step) -> Outcome:
+        if self._engine is None:
+            self._engine = self._find_engine(step.layout.params)
+        return self._engine.gradients(step)
+
+    def _find_engine(self, params: list[Tensor]) -> Backend:
+        ddp = next(iter(_wrappers_holding(params, (nn.parallel.DistributedDataParallel,))), None)
+        if ddp is not None:
+            return DDPBackend(ddp_of(ddp), ddp.process_group, self.tasks)
+        if dist.get_world_size() == 1:
+            return LocalBackend()
+        raise ValueError(
+            f"tasks={self.tasks!r} over {dist.get_world_size()} processes: by the first backward() the model "
+            "must be wrapped in DistributedDataParallel (as the Trainer, accelerate and Lightning do), and "
+            "the closures must call the wrapped model"
+        )
+
+
+def _wrappers_holding(params: Sequence[Tensor], kinds: tuple) -> Iterator[nn.Module]:
+    """The live modules of ``kinds`` (``DistributedDataParallel``, ...) that hold one of ``params``."""
+    held = {id(p) for p in params}
+    gc.collect()  # a wrapper that is gone but not yet collected holds nothing
+    for wrapper in (o for o in gc.get_objects() if issubclass(type(o), kinds)):  # no attribute lookups
+        if any(id(p) in held for p in wrapper.parameters()):
+            yield wrapper
 
 
 def ddp_of(model: nn.Module) -> Optional[nn.parallel.DistributedDataParallel]:
@@ -113,12 +157,9 @@ def check_wrapper(model: nn.Module, base: torch.optim.Optimizer, process_group: 
         or dist.get_world_size() < 2
     ):
         return
-    held = {id(p) for group in base.param_groups for p in group["params"]}
+    held = [p for group in base.param_groups for p in group["params"]]
     wrappers = (nn.parallel.DistributedDataParallel,) + ((fsdp1,) if fsdp1 is not None else ())
-    gc.collect()  # a wrapper that is gone but not yet collected holds nothing
-    for wrapper in (o for o in gc.get_objects() if isinstance(o, wrappers)):
-        if not any(id(p) in held for p in wrapper.parameters()):
-            continue
+    for wrapper in _wrappers_holding(held, wrappers):
         if isinstance(wrapper, nn.parallel.DistributedDataParallel):
             raise ValueError(
                 "the model's parameters belong to a DistributedDataParallel module, and MLTPOptimizer was "

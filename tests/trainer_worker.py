@@ -1,0 +1,87 @@
+"""``MLTPTrainer`` under ``torchrun`` (DistributedDataParallel on gloo, float64): trains a tiny BERT with
+gradient accumulation and clipping, and saves what this process saw and ended with as OUT/rank{r}.pt.
+
+    torchrun --nproc_per_node=2 tests/trainer_worker.py OUT
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import transformers
+
+from torch_mltp.integrations.accelerate import unwrap_optimizer
+from torch_mltp.integrations.transformers import MLTPTrainer
+
+MLTP = dict(mode="fo", eta=0.5, alpha_init=0.05)
+SETTINGS = dict(
+    per_device_train_batch_size=8,
+    gradient_accumulation_steps=2,
+    max_steps=2,
+    learning_rate=1e-2,
+    max_grad_norm=0.05,
+    lr_scheduler_type="constant",
+)
+
+
+def tiny_bert() -> transformers.PreTrainedModel:
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        vocab_size=100,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return transformers.BertForSequenceClassification(config).double()
+
+
+def examples(n: int = 64, length: int = 8) -> list[dict]:
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 100, (n, length), generator=gen)
+    return [{"input_ids": row, "labels": (row[0] < 50).long()} for row in ids]
+
+
+class RecordingTrainer(MLTPTrainer):
+    """Keeps the micro-batches this process was given."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.seen = [*getattr(self, "seen", []), {k: v.detach().cpu().clone() for k, v in inputs.items()}]
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    args = transformers.TrainingArguments(
+        output_dir=str(out / "trainer"),
+        use_cpu=True,
+        ddp_backend="gloo",
+        report_to="none",
+        disable_tqdm=True,
+        save_strategy="no",
+        logging_steps=1,
+        **SETTINGS,
+    )
+    trainer = RecordingTrainer(model=tiny_bert(), args=args, train_dataset=examples(), mltp=dict(MLTP))
+    trainer.train()
+    opt = unwrap_optimizer(trainer.optimizer)
+    saved = {
+        "world_size": trainer.args.world_size,
+        "tasks": opt.tasks,
+        "seen": trainer.seen,
+        "weights": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
+        "alphas": {n: a.detach().clone() for n, a in opt.alphas.items()},
+        "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+    }
+    torch.save(saved, out / f"rank{dist.get_rank()}.pt")
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
