@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -24,14 +25,18 @@ def repo_env() -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 
-def torchrun(*args: str, cwd: Path, timeout: float, nproc: int = 2) -> subprocess.CompletedProcess:
+def torchrun(
+    *args: str, cwd: Path, timeout: float, nproc: int = 2, env: Optional[dict] = None
+) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node=nproc ARGS`` in ``cwd`` on the CPU (gloo, one thread per process, no
-    GPU visible); returns the finished process with its stdout and stderr."""
+    GPU visible), with ``env`` added to the environment; returns the finished process with its stdout and
+    stderr."""
     command = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
         "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args,
     ]  # fmt: skip
-    env = {**repo_env(), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "CUDA_VISIBLE_DEVICES": ""}
+    cpu = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**repo_env(), **cpu, **(env or {})}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
 
 

@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 from trainer_worker import MLTP, SETTINGS, tiny_bert  # noqa: E402
 
-from torch_mltp import MLTPOptimizer  # noqa: E402
+from torch_mltp import MLTPOptimizer, task_closures  # noqa: E402
 
 WORKER = Path(__file__).with_name("trainer_worker.py")
 TIMEOUT_S = 300
@@ -63,7 +63,8 @@ def test_the_steps_equal_one_process_on_the_union_of_the_tasks(ranks):
                 {key: torch.cat([b[key].chunk(2)[half] for b in batches]) for key in batches[0]}
                 for half in (0, 1)
             )
-            J = opt.backward(lambda: model(**task_i)["loss"], lambda: model(**task_j)["loss"], weight=1 / k)
+            closure_i, closure_j = (lambda t=t: model(**t)["loss"] for t in (task_i, task_j))
+            J = opt.backward(closure_i, closure_j, weight=1 / k)
             objective += J.item() / k
         torch.nn.utils.clip_grad_norm_(model.parameters(), SETTINGS["max_grad_norm"])
         opt.step()
@@ -75,3 +76,69 @@ def test_the_steps_equal_one_process_on_the_union_of_the_tasks(ranks):
     for name, alpha in opt.alphas.items():
         torch.testing.assert_close(ranks[0]["alphas"][name], alpha, rtol=1e-10, atol=1e-12, msg=name)
     assert ranks[0]["losses"] == pytest.approx(objectives, rel=1e-6)  # the Trainer logs float32
+
+
+ACCELERATE_EPILOGUE = """
+# -- what the test reads: each process's weights and alphas, and a save_state/load_state round trip
+import torch.distributed as dist
+
+trained = {n: p.detach().clone() for n, p in accelerator.unwrap_model(model).named_parameters()}
+alphas = {n: a.detach().clone() for n, a in mltp.alphas.items()}
+accelerator.save_state("state")
+accelerator.wait_for_everyone()  # process 0 has written the files
+with torch.no_grad():
+    for p in model.parameters():
+        p.zero_()
+    for a in mltp.alphas.values():
+        a.fill_(0.5)
+accelerator.load_state("state")
+restored = all(torch.equal(p, trained[n]) for n, p in accelerator.unwrap_model(model).named_parameters())
+restored = restored and all(torch.equal(a, alphas[n]) for n, a in mltp.alphas.items())
+torch.save(
+    {"weights": trained, "alphas": alphas, "restored": restored, "world_size": accelerator.num_processes},
+    f"rank{accelerator.process_index}.pt",
+)
+dist.barrier()
+"""
+
+
+@pytest.fixture(scope="module")
+def accelerate_ranks(tmp_path_factory):
+    """The documented accelerate loop under ``torchrun --nproc_per_node=2``, with an epilogue."""
+    from test_integrations import documented_accelerate_loop
+
+    out = tmp_path_factory.mktemp("accelerate")
+    script = out / "loop.py"
+    script.write_text(documented_accelerate_loop() + ACCELERATE_EPILOGUE)
+    done = torchrun(str(script), cwd=out, timeout=TIMEOUT_S, env={"ACCELERATE_USE_CPU": "true"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
+
+
+def test_the_documented_accelerate_loop_on_two_processes(accelerate_ranks):
+    """Under DDP with each process's own tasks (``tasks="local"``, the default for a DDP model): the
+    processes end identical, equal to one process averaging the processes' objectives; save_state and
+    load_state restore the weights and the alphas on both."""
+    first, second = accelerate_ranks
+    assert first["world_size"] == 2 and first["restored"] and second["restored"]
+    for key in ("weights", "alphas"):
+        for name, value in first[key].items():
+            assert torch.equal(value, second[key][name]), name
+    torch.manual_seed(0)  # the block's model, data and alphas, rebuilt
+    model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    x, y = torch.randn(256, 20), torch.randint(0, 4, (256,))
+    opt = MLTPOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), model, mode="fo", eta=1.0)
+    opt.zero_grad()
+    for micro in range(2):  # process r's micro-batch m is the loader's batch 2m + r
+        for rank in range(2):
+            batch = slice(64 * (2 * micro + rank), 64 * (2 * micro + rank + 1))
+            closures = task_closures(
+                lambda a, b: torch.nn.functional.cross_entropy(model(a), b), x[batch], y[batch]
+            )
+            opt.backward(*closures, weight=0.5 * 0.5)  # 1/k, and the mean of 2 processes
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(first["weights"][name], param.detach(), rtol=1e-5, atol=1e-7, msg=name)
+    for name, alpha in opt.alphas.items():
+        torch.testing.assert_close(first["alphas"][name], alpha, rtol=1e-5, atol=1e-7, msg=name)

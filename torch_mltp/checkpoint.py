@@ -10,9 +10,10 @@ the mode selected and whether it is first order, ``alpha_per``, ``learn_alpha``)
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -101,34 +102,48 @@ def _check_alphas(saved: Any, alphas: dict[str, Tensor]) -> None:
             raise ValueError(f"alpha {name!r} in the state dict is not a finite floating-point tensor")
 
 
-def check_base_state(base_state: dict, num_groups: int, alpha_buckets: Optional[list[Tensor]]) -> None:
-    """The parts of the base state that ``torch.optim.Optimizer.load_state_dict`` leaves unchecked
-    and that concern the alphas: their group (last, when they are learned) and the shape of their
-    per-tensor state."""
+def check_base_state(base_state: Any, groups: list[dict], alpha_group: bool) -> None:
+    """Refuse a base state that does not fit the param groups ``groups`` (the alphas' last when
+    ``alpha_group``): their number, the alphas' group, and the shape of every per-tensor state entry,
+    which ``torch.optim.Optimizer.load_state_dict`` leaves unchecked (see :func:`_fits`).  Saved
+    indices map to tensors in param-group order, as torch maps them."""
     for key in ("state", "param_groups"):
         if key not in base_state:
             raise ValueError(f"the state dict lacks the base optimizer's {key!r}")
-    groups = base_state["param_groups"]
-    if not isinstance(groups, list) or len(groups) != num_groups:
-        count = len(groups) if isinstance(groups, list) else groups
-        raise ValueError(f"the state dict has {count} param groups, this optimizer has {num_groups}")
-    if alpha_buckets is None:
-        return
-    saved_group = groups[-1]
-    if not isinstance(saved_group, dict) or not saved_group.get(ALPHA_GROUP_KEY):
-        raise ValueError("the state dict's last param group is not the alphas' group")
-    if len(saved_group.get("params", ())) != len(alpha_buckets):
-        raise ValueError(
-            f"the state dict's alpha group holds {len(saved_group.get('params', ()))} tensors, "
-            f"this optimizer keeps its alphas in {len(alpha_buckets)}"
-        )
-    for index, bucket in zip(saved_group["params"], alpha_buckets):
-        for key, value in base_state["state"].get(index, {}).items():
-            if isinstance(value, Tensor) and value.dim() > 0 and value.shape != bucket.shape:
-                raise ValueError(
-                    f"the optimizer state {key!r} of the alphas is shaped {tuple(value.shape)}, "
-                    f"expected {tuple(bucket.shape)}"
-                )
+    state, saved_groups = base_state["state"], base_state["param_groups"]
+    if not isinstance(state, dict):
+        raise ValueError(f"the state dict's 'state' must be a dict, got {type(state).__name__}")
+    if not isinstance(saved_groups, list) or len(saved_groups) != len(groups):
+        count = len(saved_groups) if isinstance(saved_groups, list) else saved_groups
+        raise ValueError(f"the state dict has {count} param groups, this optimizer has {len(groups)}")
+    if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in saved_groups):
+        raise ValueError("every param group of the state dict must be a dict with a 'params' list")
+    if alpha_group:
+        if not saved_groups[-1].get(ALPHA_GROUP_KEY):
+            raise ValueError("the state dict's last param group is not the alphas' group")
+        saved, held = len(saved_groups[-1]["params"]), len(groups[-1]["params"])
+        if saved != held:
+            raise ValueError(
+                f"the state dict's alpha group holds {saved} tensors, this optimizer keeps its alphas "
+                f"in {held}"
+            )
+    for saved_group, group in zip(saved_groups, groups):
+        alphas = "the alphas' " if group.get(ALPHA_GROUP_KEY) else ""
+        for index, param in zip(saved_group["params"], group["params"]):
+            for key, value in state.get(index, {}).items():
+                if isinstance(value, Tensor) and value.dim() > 0 and not _fits(value.shape, param.shape):
+                    raise ValueError(
+                        f"the optimizer state {key!r} of {alphas}parameter {index} is shaped "
+                        f"{tuple(value.shape)}, that parameter is {tuple(param.shape)}: the checkpoint is "
+                        "of another model (or of this model at another size)"
+                    )
+
+
+def _fits(shape: torch.Size, like: torch.Size) -> bool:
+    """Whether a state entry fits its tensor: the tensor's shape, or sizes of 1 where it holds a statistic
+    over a dimension (Adafactor's factored moments).  An entry with another number of dimensions (a
+    quantisation table, a block's scales) is the optimizer's own affair."""
+    return len(shape) != len(like) or all(size in (expected, 1) for size, expected in zip(shape, like))
 
 
 class ShardedCheckpoint:
@@ -138,8 +153,10 @@ class ShardedCheckpoint:
     ``dcp.save({"train": ShardedCheckpoint(model, opt)}, checkpoint_id=folder)`` writes it and
     ``dcp.load({"train": ShardedCheckpoint(model, opt)}, checkpoint_id=folder)`` restores it into a
     freshly built model and optimizer (DCP calls :meth:`state_dict` and :meth:`load_state_dict`, the
-    protocol of ``torch.distributed.checkpoint.stateful.Stateful``).  DCP loads into tensors that exist,
-    so :meth:`state_dict` creates the base optimizer's state when it has none yet (a step with zero
+    protocol of ``torch.distributed.checkpoint.stateful.Stateful``).  DCP loads into the tensors that
+    :meth:`state_dict` returns, so they are copies: a checkpoint that the optimizer refuses leaves the
+    model and the optimizer as they were (saving holds a second copy of this process's state while it
+    writes).  When the base optimizer has no state yet, :meth:`state_dict` creates it (a step with zero
     gradients and learning rate 0, undone at once) and records that it was empty; a checkpoint written
     before the first step restores an optimizer without state.  Works as well for a model that is not
     sharded.
@@ -153,20 +170,37 @@ class ShardedCheckpoint:
         stepped = bool(base.state)
         if not stepped:
             _create_state(base)
-        state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "optimizer_has_state": torch.tensor(int(stepped)),
-        }
-        if not stepped:
-            base.state.clear()  # the template keeps the tensors that DCP loads into
-        return state
+        try:
+            return {
+                "model": _copies(self.model.state_dict()),
+                "optimizer": _copies(self.optimizer.state_dict()),
+                "optimizer_has_state": torch.tensor(int(stepped)),
+            }
+        finally:
+            if not stepped:
+                base.state.clear()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        """The optimizer checks the whole of its state before it changes; the model is loaded after it."""
         self.optimizer.load_state_dict(state["optimizer"])
         if not int(state["optimizer_has_state"]):
             self.optimizer.base_optimizer.state.clear()
+        self.model.load_state_dict(state["model"])
+
+
+def _copies(value: Any) -> Any:
+    """``value`` with every tensor in its dicts, lists and tuples replaced by a copy (a ``DTensor`` by a
+    ``DTensor`` sharded alike); a dict keeps its type and attributes (a module state dict's ``_metadata``)."""
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        copied = copy.copy(value)
+        for key, item in value.items():
+            copied[key] = _copies(item)
+        return copied
+    if type(value) in (list, tuple):
+        return type(value)(map(_copies, value))
+    return value
 
 
 def _create_state(base: torch.optim.Optimizer) -> None:

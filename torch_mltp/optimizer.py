@@ -182,7 +182,9 @@ class MLTPOptimizer(torch.optim.Optimizer):
             default), each process's two tasks are its own and ``J`` is the mean of the processes'
             objectives; ``"global"``, task i is the union of every process's first task, task j of
             every second task.  A model sharded with FSDP (``fully_shard``) takes ``"global"`` only,
-            and first-order modes.  See ``docs/distributed.md``.
+            and first-order modes.  ``"global"`` with a plain model once a process group exists: an
+            engine (the ``Trainer``, accelerate, Lightning) wraps it in ``DistributedDataParallel``
+            later, and the first :meth:`backward` finds the wrapper.  See ``docs/distributed.md``.
         process_group: average over this group (default: the DDP model's; none for a plain model).
         foreach: ``None`` (default) computes a step with fused multi-tensor operations wherever they
             apply, ``False`` with the plain per-tensor code of
@@ -245,7 +247,7 @@ class MLTPOptimizer(torch.optim.Optimizer):
             self._backend,
         )
         if learn_alpha:
-            _add_alpha_group(base_optimizer, self._alphas.buckets, alpha_group_lr(base_optimizer, alpha_lr))
+            _add_alpha_group(base_optimizer, self._alphas, alpha_group_lr(base_optimizer, alpha_lr))
         self._state, self._cache = StepState(), _Cache()
         # Optimizer.__init__ sets up the hook machinery; the groups and the state are then the
         # base optimizer's own objects, as in timm's Lookahead and the SAM wrapper.
@@ -536,9 +538,12 @@ class MLTPOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`: the base state, the alphas' values and the settings.
 
-        Everything is checked before anything changes: a checkpoint of another configuration, or
-        with missing entries, wrongly shaped or non-finite alphas, is refused with a
-        ``ValueError`` and this optimizer (base state included) stays as it was.
+        Everything is checked before anything changes: a checkpoint of another configuration or of
+        another model (state shaped unlike the parameters), or with missing entries, wrongly shaped or
+        non-finite alphas, is refused with a ``ValueError`` and this optimizer (base state included)
+        stays as it was.  A plain optimizer's state dict (no ``"mltp"`` entry, no alphas' group), to start
+        MLTP from a plain run, restores the weights' optimizer state; the alphas, their group and their
+        optimizer state stay as they are, and a ``UserWarning`` says so.
         """
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
@@ -546,14 +551,20 @@ class MLTPOptimizer(torch.optim.Optimizer):
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             hooked = pre_hook(self, state_dict)
             state_dict = state_dict if hooked is None else dict(hooked)
-        if MLTP_STATE_KEY not in state_dict:
-            raise ValueError("not an MLTPOptimizer state dict: it has no 'mltp' entry")
-        saved = state_dict.pop(MLTP_STATE_KEY)
+        saved = state_dict.pop(MLTP_STATE_KEY, None)
         self._keep_alpha_group_last()
-        check_entry(saved, self._settings(), self.alphas)
-        check_base_state(
-            state_dict, len(self.param_groups), self._alphas.buckets if self.learn_alpha else None
-        )
+        if saved is None:
+            state_dict = self._with_alphas(state_dict)
+            warnings.warn(
+                "the state dict is a plain optimizer's (it has no 'mltp' entry): the weights' optimizer "
+                "state is restored, the alphas keep their values (the initial ones in a new MLTPOptimizer), "
+                "their param group and their optimizer state",
+                UserWarning,
+                stacklevel=2,
+            )
+        else:
+            check_entry(saved, self._settings(), self.alphas)
+            check_base_state(state_dict, self.param_groups, self.learn_alpha)
         base = self.base_optimizer
         previous = (base.state, base.param_groups)
         try:
@@ -563,19 +574,44 @@ class MLTPOptimizer(torch.optim.Optimizer):
             raise
         finally:
             self._link_base()
-        with torch.no_grad():
-            for name, alpha in self.alphas.items():
-                alpha.copy_(saved["alphas"][name])
-        self.eta, self.nonfinite = saved["eta"], saved["nonfinite"]
-        self.alpha_min, self.alpha_max = saved.get("alpha_min"), saved.get("alpha_max")
-        self.skipped_steps = saved["skipped_steps"]
-        if (
-            self._state.stage is Stage.SKIP
-        ):  # the gradients that a pending skip concerned are not this state's
+        if saved is not None:
+            with torch.no_grad():
+                for name, alpha in self.alphas.items():
+                    alpha.copy_(saved["alphas"][name])
+            self.eta, self.nonfinite = saved["eta"], saved["nonfinite"]
+            self.alpha_min, self.alpha_max = saved.get("alpha_min"), saved.get("alpha_max")
+            self.skipped_steps = saved["skipped_steps"]
+        if self._state.stage is Stage.SKIP:  # the skip concerned gradients of the state before this one
             self._state.stage = Stage.ACCUMULATED
         self._state.found_inf = None
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+    def _with_alphas(self, plain: dict[str, Any]) -> dict[str, Any]:
+        """A plain optimizer's state dict, checked against the weights' groups, with the alphas' group and
+        optimizer state as they are now appended (under indices after the state dict's own)."""
+        groups = plain.get("param_groups")
+        if isinstance(groups, list) and any(isinstance(g, dict) and g.get(ALPHA_GROUP_KEY) for g in groups):
+            raise ValueError(
+                "the state dict holds the alphas' param group but no 'mltp' entry: an MLTPOptimizer "
+                "state dict that lost its entry cannot be loaded"
+            )
+        weights = self.param_groups[:-1] if self.learn_alpha else self.param_groups
+        if isinstance(groups, list) and len(groups) != len(weights):
+            raise ValueError(
+                f"the plain optimizer's state dict has {len(groups)} param groups, this optimizer has "
+                f"{len(weights)} for the weights" + (" (and the alphas' group)" if self.learn_alpha else "")
+            )
+        check_base_state(plain, weights, alpha_group=False)
+        if not self.learn_alpha:
+            return plain
+        alpha_group = self.param_groups[-1]
+        first = 1 + max((index for g in groups for index in g["params"]), default=-1)
+        indices = list(range(first, first + len(alpha_group["params"])))
+        state = dict(plain["state"])
+        state.update({i: self.state[b] for i, b in zip(indices, alpha_group["params"]) if b in self.state})
+        saved_alpha_group = {**alpha_group, "params": indices}
+        return {**plain, "state": state, "param_groups": [*groups, saved_alpha_group]}
 
     def _link_base(self) -> None:
         self.param_groups = self.base_optimizer.param_groups
@@ -663,13 +699,26 @@ def _make_alphas(
     return backend.make_alphas(names, shapes, likes, mean, std, *bounds, learn), selected, alpha_of
 
 
-def _add_alpha_group(base: torch.optim.Optimizer, buckets: list[Tensor], lr: Any) -> None:
-    """The alphas' param group, last: the base ``lr`` (or ``alpha_lr``), no weight decay."""
-    group: dict[str, Any] = {"params": list(buckets), ALPHA_GROUP_KEY: True, "lr": lr}
+def _add_alpha_group(base: torch.optim.Optimizer, alphas: Any, lr: Any) -> None:
+    """The alphas' param group, last: the base ``lr`` (or ``alpha_lr``), no weight decay, and
+    ``param_names`` (:func:`_bucket_names`) when the base optimizer was built on ``named_parameters()``."""
+    group: dict[str, Any] = {"params": list(alphas.buckets), ALPHA_GROUP_KEY: True, "lr": lr}
     if "weight_decay" in base.defaults:
         group["weight_decay"] = 0.0
+    if "param_names" in base.param_groups[0]:
+        group["param_names"] = _bucket_names(alphas)
     base.add_param_group(group)
-    probe_alpha_step(base, buckets)
+    probe_alpha_step(base, alphas.buckets)
+
+
+def _bucket_names(alphas: Any) -> list[str]:
+    """One name per tensor of the alphas' group, from the names of ``opt.alphas`` it holds:
+    ``"mltp_alpha.<name>"`` for a tensor that holds one alpha, ``"mltp_alpha.<first>..<last>"`` for one
+    that holds several (one per device and dtype), e.g. ``"mltp_alpha.0..6"``."""
+    held: list[list[str]] = [[] for _ in alphas.buckets]
+    for name, span in zip(alphas.names, alphas.spans):
+        held[getattr(span, "bucket", span)].append(name)  # a sharded alpha is its own bucket
+    return [f"{ALPHA_GROUP_KEY}.{names[0]}" + (f"..{names[-1]}" if len(names) > 1 else "") for names in held]
 
 
 def _promoted_dtype(params: list[Tensor]) -> torch.dtype:
