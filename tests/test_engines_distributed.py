@@ -1,14 +1,16 @@
-"""The engines that users launch on several processes: ``MLTPTrainer`` under ``torchrun
---nproc_per_node=2`` (DistributedDataParallel on gloo, float64), against one process computing the same
-steps on the union of the processes' tasks."""
+"""The engines that users launch on several processes, each on 2 CPU processes (DistributedDataParallel on
+gloo): ``MLTPTrainer`` under ``torchrun`` and Lightning's DDP strategy (float64, against one process
+computing the same steps on the union of the processes' tasks), and the documented accelerate loop."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from spawn import torchrun
+from spawn import repo_env, torchrun
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -17,6 +19,7 @@ from trainer_worker import MLTP, SETTINGS, tiny_bert  # noqa: E402
 from torch_mltp import MLTPOptimizer, task_closures  # noqa: E402
 
 WORKER = Path(__file__).with_name("trainer_worker.py")
+LIGHTNING_WORKER = Path(__file__).with_name("lightning_worker.py")
 TIMEOUT_S = 300
 
 
@@ -142,3 +145,41 @@ def test_the_documented_accelerate_loop_on_two_processes(accelerate_ranks):
         torch.testing.assert_close(first["weights"][name], param.detach(), rtol=1e-5, atol=1e-7, msg=name)
     for name, alpha in opt.alphas.items():
         torch.testing.assert_close(first["alphas"][name], alpha, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.fixture(scope="module", params=["fo", "full"])
+def lightning_ranks(request, tmp_path_factory):
+    """Lightning's DDP strategy on 2 processes (Lightning starts the second one itself)."""
+    pytest.importorskip("lightning")
+    out = tmp_path_factory.mktemp("lightning")
+    env = {**repo_env(), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, str(LIGHTNING_WORKER), str(out), request.param]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, env=env, cwd=out)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return request.param, [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
+
+
+def test_lightning_ddp_steps_as_one_process_on_the_union_of_the_tasks(lightning_ranks):
+    """Manual optimization with ``tasks="global"``: the optimizer, built in ``configure_optimizers`` on the
+    module inside Lightning's DDP wrapper, finds the wrapper at the first backward; both processes end
+    identical, equal to one process stepping on the union of their tasks (float64)."""
+    from lightning_worker import ALPHA, LR, net
+
+    mode, ranks = lightning_ranks
+    first, second = ranks
+    for key in ("weights", "alphas"):
+        for name, value in first[key].items():
+            assert torch.equal(value, second[key][name]), name
+    model = net()
+    opt = MLTPOptimizer(torch.optim.Adam(model.parameters(), lr=LR), model, mode=mode, alpha_init=ALPHA)
+    loss = torch.nn.functional.cross_entropy
+    for batches in zip(first["seen"], second["seen"]):
+        task_i, task_j = (
+            [torch.cat([b[k].chunk(2)[half] for b in batches]) for k in (0, 1)] for half in (0, 1)
+        )
+        opt.zero_grad()
+        opt.step(lambda t=task_i: loss(model(t[0]), t[1]), lambda t=task_j: loss(model(t[0]), t[1]))
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(first["weights"][name], param.detach(), rtol=1e-10, atol=1e-12, msg=name)
+    for name, alpha in opt.alphas.items():
+        torch.testing.assert_close(first["alphas"][name], alpha, rtol=1e-10, atol=1e-12, msg=name)

@@ -39,17 +39,23 @@ def backend_for(
     base: torch.optim.Optimizer,
 ) -> Backend:
     """The backend for ``model``: FSDP2's when it is sharded with ``fully_shard``; DDP's when it is a
-    ``DistributedDataParallel`` model or a ``process_group`` is given, or with ``tasks="global"`` once a
-    process group exists (an engine wraps the model later: :class:`DeferredDDPBackend`); else one
-    process's.  Refuses, with the ways that work, what no backend can do."""
+    ``DistributedDataParallel`` model or a ``process_group`` is given, or with ``tasks`` given once a
+    process group exists (an engine wraps the model, before or after the optimizer is built:
+    :class:`DeferredDDPBackend`); else one process's.  Refuses, with the ways that work, what no backend can do."""
     sharded = fsdp_backend(model, mode, tasks, process_group)
     if sharded is not None:
         return sharded
-    check_wrapper(model, base, process_group)
     ddp = ddp_of(model)
     group = process_group if process_group is not None else getattr(ddp, "process_group", None)
-    if group is None and tasks == "global" and dist.is_available() and dist.is_initialized():
-        return DeferredDDPBackend(tasks)  # an engine wraps the model later
+    distributed = dist.is_available() and dist.is_initialized()
+    if (
+        group is None
+        and tasks is not None
+        and distributed
+        and (tasks == "global" or dist.get_world_size() > 1)
+    ):
+        return DeferredDDPBackend(tasks)  # an engine wraps the model, before or after the optimizer is built
+    check_wrapper(model, base, process_group)
     if group is None:
         if tasks == "global":
             raise ValueError(

@@ -69,10 +69,11 @@ class DDPBackend(LocalBackend):
 
 
 class DeferredDDPBackend(Backend):
-    """``tasks`` over processes for a model that an engine wraps in ``DistributedDataParallel`` after the
-    optimizer is built (the ``Trainer``, accelerate, Lightning): the first ``backward`` finds the wrapper
-    that holds the parameters (the model the closures call) and every step is :class:`DDPBackend`'s with
-    it.  In one process without a wrapper the step is :class:`LocalBackend`'s."""
+    """``tasks`` over processes for a model that an engine wraps in ``DistributedDataParallel`` itself,
+    after the optimizer is built (the ``Trainer``) or before it and out of the optimizer's sight
+    (Lightning's ``configure_optimizers``): the first ``backward`` finds the wrapper that holds the
+    parameters and every step is :class:`DDPBackend`'s with it.  In one process without a wrapper the step
+    is :class:`LocalBackend`'s."""
 
     def __init__(self, tasks: str):
         self.tasks = tasks
@@ -165,7 +166,8 @@ def check_wrapper(model: nn.Module, base: torch.optim.Optimizer, process_group: 
                 "the model's parameters belong to a DistributedDataParallel module, and MLTPOptimizer was "
                 "given the module inside it: no gradient would be averaged and the processes would drift "
                 "apart. Give MLTPOptimizer the DDP-wrapped model (MLTPOptimizer(base, ddp_model, ...)) "
-                "and call ddp_model in the closures"
+                "and call ddp_model in the closures, or pass tasks='local' or tasks='global' to average "
+                "over that wrapper's processes (as under Lightning's DDP strategy)"
             )
         raise ValueError(_FSDP1_MESSAGE)
 
