@@ -46,6 +46,16 @@ def test_every_process_ends_with_the_same_weights_and_alphas(ranks):
             assert torch.equal(value, second[key][name]), name
 
 
+def test_a_run_resumed_from_a_checkpoint_equals_the_uninterrupted_run(ranks):
+    """``resume_from_checkpoint`` on two processes: the weights and alphas end bit for bit where an
+    uninterrupted run ends."""
+    for saved in ranks:
+        resumed, uninterrupted = saved["resumed"], saved["uninterrupted"]
+        assert resumed.keys() == uninterrupted.keys() and any(k.startswith("alpha:") for k in resumed)
+        for name, value in resumed.items():
+            assert torch.equal(value, uninterrupted[name]), name
+
+
 def test_the_steps_equal_one_process_on_the_union_of_the_tasks(ranks):
     """Each micro-batch's task i is the union of the processes' first halves, task j of their second
     halves; weight 1/k per micro-batch, clipping, AdamW (fused, as the Trainer's), in float64."""

@@ -1,5 +1,6 @@
 """``MLTPTrainer`` under ``torchrun`` (DistributedDataParallel on gloo, float64): trains a tiny BERT with
-gradient accumulation and clipping, and saves what this process saw and ended with as OUT/rank{r}.pt.
+gradient accumulation and clipping, then an uninterrupted run with a checkpoint at every step and a run
+resumed from its first; saves what this process saw and where each run ended as OUT/rank{r}.pt.
 
     torchrun --nproc_per_node=2 tests/trainer_worker.py OUT
 """
@@ -56,22 +57,37 @@ class RecordingTrainer(MLTPTrainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
 
+def arguments(folder: Path, **overrides) -> transformers.TrainingArguments:
+    settings = dict(use_cpu=True, ddp_backend="gloo", report_to="none", disable_tqdm=True, logging_steps=1)
+    return transformers.TrainingArguments(output_dir=str(folder), **{**settings, **SETTINGS, **overrides})
+
+
+def where_it_ended(trainer: MLTPTrainer) -> dict:
+    opt = unwrap_optimizer(trainer.optimizer)
+    weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    return {**weights, **{f"alpha:{n}": a.detach().clone() for n, a in opt.alphas.items()}}
+
+
+def resumed_and_uninterrupted(folder: Path) -> tuple[dict, dict]:
+    """An uninterrupted run that saves a checkpoint at every step, and a run resumed from its first."""
+    args = arguments(folder, save_strategy="steps", save_steps=1)
+    uninterrupted = MLTPTrainer(model=tiny_bert(), args=args, train_dataset=examples(), mltp=dict(MLTP))
+    uninterrupted.train()
+    resumed = MLTPTrainer(model=tiny_bert(), args=args, train_dataset=examples(), mltp=dict(MLTP))
+    resumed.train(resume_from_checkpoint=str(folder / "checkpoint-1"))
+    return where_it_ended(resumed), where_it_ended(uninterrupted)
+
+
 def main() -> None:
     out = Path(sys.argv[1])
-    args = transformers.TrainingArguments(
-        output_dir=str(out / "trainer"),
-        use_cpu=True,
-        ddp_backend="gloo",
-        report_to="none",
-        disable_tqdm=True,
-        save_strategy="no",
-        logging_steps=1,
-        **SETTINGS,
-    )
+    args = arguments(out / "trainer", save_strategy="no")
     trainer = RecordingTrainer(model=tiny_bert(), args=args, train_dataset=examples(), mltp=dict(MLTP))
     trainer.train()
     opt = unwrap_optimizer(trainer.optimizer)
+    resumed, uninterrupted = resumed_and_uninterrupted(out / "resume")
     saved = {
+        "resumed": resumed,
+        "uninterrupted": uninterrupted,
         "world_size": trainer.args.world_size,
         "tasks": opt.tasks,
         "seen": trainer.seen,
