@@ -429,3 +429,16 @@ def test_the_documented_accelerate_loop_equals_the_hand_written_loop(accelerator
             alpha.zero_()
     run["accelerator"].load_state(str(tmp_path / "state"))
     assert all(torch.equal(run["mltp"].alphas[name], alpha) for name, alpha in trained.items())
+
+
+def test_the_trainer_defaults_to_first_order_mltp(tmp_path):
+    """Without ``mode`` in ``mltp=``, first order: most models' attention cannot be differentiated twice."""
+    trainer = MLTPTrainer(
+        model=bert(), args=arguments(tmp_path), train_dataset=classification_data(), mltp=dict(eta=0.5)
+    )
+    trainer.create_optimizer()
+    opt = unwrap_optimizer(trainer.optimizer)
+    assert opt.mode.describe() == "fo" and opt.eta == 0.5
+    given = MLTPTrainer(model=bert(), args=arguments(tmp_path), train_dataset=classification_data(), mltp={})
+    given.create_optimizer()
+    assert unwrap_optimizer(given.optimizer).mode.describe() == "fo"

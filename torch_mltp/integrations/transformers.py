@@ -26,8 +26,8 @@ class MLTPTrainer(Trainer):
     ``J = L(w; i) + eta * L(w - alpha * dL(w; i)/dw; j)``, tasks i and j being the two halves of each
     batch.
 
-    ``mltp``: the keyword arguments of :class:`~torch_mltp.MLTPOptimizer` (``mode``, ``eta``,
-    ``alpha_init``, ...), which wraps the optimizer that the ``Trainer`` builds (its weight-decay
+    ``mltp``: the keyword arguments of :class:`~torch_mltp.MLTPOptimizer` (``mode``, by default ``"fo"``,
+    ``eta``, ``alpha_init``, ...), which wraps the optimizer that the ``Trainer`` builds (its weight-decay
     groups included); the ``Trainer``'s scheduler is then built on the wrapper and moves the
     alphas' learning rate with the weights'.  An optimizer passed as ``optimizers=(opt, None)`` is
     wrapped the same way, or used as it is if it already is an ``MLTPOptimizer``.
@@ -55,15 +55,16 @@ class MLTPTrainer(Trainer):
                 "DeepSpeed and FSDP are not supported"
             )
         self.mltp = dict(mltp or {})
-        if self.args.world_size > 1:  # every process computes the step of the union of the tasks
-            self.mltp.setdefault("tasks", "global")
         self.add_callback(_ClearAlphaGradients())
 
     def create_optimizer(self, model: Optional[torch.nn.Module] = None) -> torch.optim.Optimizer:
         """The ``Trainer``'s optimizer wrapped in an ``MLTPOptimizer`` built with ``mltp``."""
         optimizer = super().create_optimizer(model)
         if not isinstance(unwrap_optimizer(optimizer), MLTPOptimizer):
-            self.optimizer = MLTPOptimizer(optimizer, self.model if model is None else model, **self.mltp)
+            settings = {"mode": "fo", **self.mltp}  # attention kernels are rarely twice differentiable
+            if self.args.world_size > 1:  # every process computes the step of the union of the tasks
+                settings.setdefault("tasks", "global")
+            self.optimizer = MLTPOptimizer(optimizer, self.model if model is None else model, **settings)
         elif self.mltp:
             raise ValueError(
                 "the optimizer is already an MLTPOptimizer: drop mltp= or pass a plain optimizer"
