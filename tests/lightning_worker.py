@@ -6,6 +6,7 @@ tasks="global")``: saves the batches this process trained on and where it ended 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -70,6 +71,11 @@ def main() -> None:
         "alphas": {n: a.detach().clone() for n, a in opt.alphas.items()},
     }
     torch.save(saved, out / f"rank{trainer.global_rank}.pt")
+    torch.distributed.barrier()
+    sys.stdout.flush()
+    os._exit(
+        0
+    )  # past Python's finalisation, where a gloo thread can abort the process after the work is done
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ resumed from its first; saves what this process saw and where each run ended as 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -97,6 +98,10 @@ def main() -> None:
     }
     torch.save(saved, out / f"rank{dist.get_rank()}.pt")
     dist.barrier()
+    sys.stdout.flush()
+    os._exit(
+        0
+    )  # past Python's finalisation, where a gloo thread can abort the process after the work is done
 
 
 if __name__ == "__main__":
