@@ -15,8 +15,11 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory) -> Path:
-    """One MNIST-1D cache for the whole session (generating it takes a few seconds)."""
-    return tmp_path_factory.getbasetemp() / "data"
+    """One MNIST-1D cache for the whole session (generating it takes a few seconds); the folder exists, as
+    the command line requires of a --data-root it is given."""
+    root = tmp_path_factory.getbasetemp() / "data"
+    root.mkdir(exist_ok=True)
+    return root
 
 
 @pytest.fixture

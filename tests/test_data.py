@@ -184,6 +184,11 @@ def test_cifar_failed_download(tmp_path, monkeypatch):
     with pytest.raises(DatasetError) as error:
         load_dataset("cifar10", tmp_path, download=True)
     assert_one_line_naming(error, "could not be downloaded", torchvision.datasets.CIFAR10.url, "no network")
+    # what to do instead of downloading again: place the files by hand, in torchvision's layout
+    assert "download=True" not in str(error.value) and "--download" not in str(error.value)
+    folder = tmp_path / torchvision.datasets.CIFAR10.base_folder
+    layout = f"extract it under {tmp_path}, so that {folder} holds data_batch_1"
+    assert_one_line_naming(error, layout, "test_batch, batches.meta")
 
 
 # ---------------------------------------------------------------- Tiny ImageNet

@@ -10,8 +10,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_default_compare_trains_every_procedure_to_a_useful_accuracy(tmp_path, capsys):
-    out = tmp_path / "compare"
-    assert main(["compare", "--out", str(out), "--data-root", str(tmp_path / "data")]) == 0
+    out, data = tmp_path / "compare", tmp_path / "data"
+    data.mkdir()  # a --data-root that is given must exist
+    assert main(["compare", "--out", str(out), "--data-root", str(data)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["procedures"] == ["standard", "mltp", "mltp_conv", "mltp_fc", "mltp_fo"]
     assert results["seeds"] == [0, 1, 2]

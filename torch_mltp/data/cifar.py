@@ -32,8 +32,15 @@ def load_cifar(name: str, root: str | os.PathLike, download: bool = False) -> Da
         test = dataset_class(root, train=False, transform=cifar_transforms(train=False))
     except (RuntimeError, OSError) as err:
         if download:
-            problem = f"{title} could not be downloaded from {dataset_class.url} into {root} ({err})"
-        elif folder.is_dir():
+            files = [file for file, _ in dataset_class.train_list + dataset_class.test_list]
+            raise DatasetError(
+                f"{title} could not be downloaded from {dataset_class.url} into {root} ({err}): get "
+                f"{dataset_class.filename} from that address another way (e.g. on a machine with network "
+                f"access) and extract it under {root}, so that {folder} holds "
+                f"{', '.join([*files, dataset_class.meta['filename']])} (docs/data.md), and run again: with "
+                "the files in place, nothing is downloaded"
+            ) from err
+        if folder.is_dir():
             problem = f"{title} under {folder} is damaged (missing file or md5 mismatch)"
         else:
             problem = f"{title} not found under {folder}"

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, NoReturn, Optional, Sequence
 
 import torch
 
+from torch_mltp import __version__
 from torch_mltp.data import DATASET_NAMES, DatasetError
 from torch_mltp.models import MODEL_NAMES
 
@@ -41,10 +42,22 @@ from .recipes import (
     recipe_for,
 )
 from .reproduce import reproduce, table_rows
-from .training import DEFAULT_COSINE_EVERY, TASK_SCOPES, Experiment, ExperimentError, RunOptions, train_run
+from .runs import written_by
+from .training import (
+    DEFAULT_COSINE_EVERY,
+    TASK_SCOPES,
+    Experiment,
+    ExperimentError,
+    RunOptions,
+    RunResult,
+    train_run,
+)
 
 DEFAULT_DATASET = "mnist1d"
 DATA_ROOT_ENV = "TORCH_MLTP_DATA"
+DEFAULT_DATA_ROOT = "data"
+"""The data folder when neither ``--data-root`` nor ``$TORCH_MLTP_DATA`` names one: created when missing
+(MNIST-1D is generated into it); a folder that is named must exist unless ``--download`` is given."""
 
 
 def _checked(convert: Callable[[str], Any], accept: Callable[[Any], bool], expected: str):
@@ -150,10 +163,14 @@ def _add_run_options(parser: argparse.ArgumentParser, out: str, processes: bool 
     group = parser.add_argument_group("run options")
     group.add_argument(
         "--data-root",
-        default=os.environ.get(DATA_ROOT_ENV, "data"),
-        help=f"folder holding the data sets (default: ${DATA_ROOT_ENV} or ./data)",
+        help=f"folder holding the data sets, which must exist unless --download is given (default: "
+        f"${DATA_ROOT_ENV} or ./{DEFAULT_DATA_ROOT}, created when missing)",
     )
-    group.add_argument("--download", action="store_true", help="download CIFAR-10/100 when missing")
+    group.add_argument(
+        "--download",
+        action="store_true",
+        help="download CIFAR-10/100 when missing (and create --data-root if it does not exist)",
+    )
     group.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     group.add_argument(
         "--num-workers",
@@ -257,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out is given, in a folder named after its data set, model and settings: see "
         "'torch-mltp <command> --help'.",
     )
+    parser.add_argument("--version", action="version", version=f"torch-mltp {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{train,compare,reproduce}")
 
     train = commands.add_parser(
@@ -351,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _usage_problem(args: argparse.Namespace) -> Optional[str]:
     """What the options say that argparse cannot check alone: a table for ``reproduce``, a batch that
-    MLTP can split into two tasks of at least 2 samples."""
+    MLTP can split into two tasks of at least 2 samples, a data folder that exists
+    (:func:`_resolve_data_root` has run)."""
     if args.command == "reproduce" and args.table is None:
         return (
             f"name the table to reproduce, one of {', '.join(sorted(TABLES))}, "
@@ -368,6 +387,59 @@ def _usage_problem(args: argparse.Namespace) -> Optional[str]:
         return (
             f"argument --batch-size: MLTP splits each batch into two tasks of at least 2 samples: expected "
             f"{MIN_MLTP_BATCH} or more, got {args.batch_size}"
+        )
+    return _data_root_problem(args)
+
+
+def _milestones_warning(args: argparse.Namespace) -> Optional[str]:
+    """A ``--milestones`` epoch at or after the last epoch, where the learning rate never drops (checked
+    before ``--steps-scale``, which stretches both alike). A warning, not an error: a run trained for
+    part of its schedule may be extended later with more ``--epochs``, and then reaches it."""
+    if not args.milestones:
+        return None
+    if args.command == "reproduce":
+        spec = TABLES[args.table]
+        dataset, models = spec.dataset, [model for model, _ in spec.rows]
+    else:
+        dataset, models = args.dataset, [args.model or DEFAULT_MODELS[args.dataset]]
+    epochs = args.epochs or min(recipe_for(dataset, model).epochs for model in models)
+    late = [milestone for milestone in args.milestones if milestone >= epochs]
+    if not late:
+        return None
+    source = f"--epochs {epochs}" if args.epochs else f"the {dataset} preset"
+    return (
+        f"argument --milestones: {' '.join(map(str, late))} {'comes' if len(late) == 1 else 'come'} at or "
+        f"after the last of the {epochs} epochs ({source}), so the learning rate never drops there (it drops "
+        "after each milestone epoch) unless more --epochs extend the run later"
+    )
+
+
+def _resolve_data_root(args: argparse.Namespace) -> None:
+    """Fill in ``args.data_root`` (``--data-root``, else ``$TORCH_MLTP_DATA``, else ``./data``) and
+    ``args.data_root_named``: where the folder was named (``None`` for the default)."""
+    args.data_root_named = None
+    if args.data_root is not None:
+        args.data_root_named = "--data-root"
+    elif os.environ.get(DATA_ROOT_ENV):
+        args.data_root, args.data_root_named = os.environ[DATA_ROOT_ENV], f"${DATA_ROOT_ENV}"
+    else:
+        args.data_root = DEFAULT_DATA_ROOT
+
+
+def _data_root_problem(args: argparse.Namespace) -> Optional[str]:
+    """A data folder named by ``--data-root`` or ``$TORCH_MLTP_DATA`` that is not there: a mistyped path
+    would otherwise become a new, empty data folder. ``--download`` may create it; the default
+    ``./data`` is created when needed."""
+    if args.data_root_named is None:
+        return None
+    root = Path(args.data_root)
+    named = "" if args.data_root_named == "--data-root" else f" (from {args.data_root_named})"
+    if root.exists() and not root.is_dir():
+        return f"argument --data-root: {root}{named} is not a folder"
+    if not root.exists() and not args.download:
+        return (
+            f"argument --data-root: the folder {root}{named} does not exist: give the folder that holds "
+            "the data sets (layouts: docs/data.md), or add --download to create it"
         )
     return None
 
@@ -468,7 +540,10 @@ def _run(args: argparse.Namespace) -> None:
         result = train_run(
             _experiment(args), args.procedure, args.seed, out, _run_options(args, log_epochs=True)
         )
-        print(f"final test accuracy {result.final['test_acc']:.2f}%; results in {result.run_dir}")
+        if result.reused:
+            print(_reused_line(result))
+        else:
+            print(f"final test accuracy {result.final['test_acc']:.2f}%; results in {result.run_dir}")
     elif args.command == "compare":
         result = compare(
             _experiment(args),
@@ -505,6 +580,22 @@ def _run(args: argparse.Namespace) -> None:
             print()
             print((out / "table.md").read_text())
             print(f"written: {out}/table.md, {out}/results.json and one folder per model with figures")
+
+
+def _reused_line(result: RunResult) -> str:
+    """What ``train`` says of a run it found finished with the same settings (as ``compare`` does, it
+    reuses it), and how to train it again: ``--overwrite`` only for a run that ``train`` wrote."""
+    final = result.final
+    by = written_by(result.run_dir)
+    if by == "train":
+        again = "pass --overwrite (which deletes it) or choose another --out"
+    else:
+        writer = f"torch-mltp {by}" if by else "an earlier command"
+        again = f"choose another --out (it holds a result of {writer})"
+    return (
+        f"the run in {result.run_dir} is finished: reused, final test accuracy {final['test_acc']:.2f}% "
+        f"after {final['epoch']} epochs; to train it again, {again}"
+    )
 
 
 def _rank() -> int:
@@ -567,10 +658,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``torch-mltp``; returns the exit status (2: a problem the user can fix)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    _resolve_data_root(args)
     problem = _usage_problem(args)
     if problem is not None:
         _print_error(f"torch-mltp {args.command}: error: {problem}")
         raise SystemExit(2)  # as argparse ends a usage error
+    warning = _milestones_warning(args)
+    if warning is not None:
+        _print_error(f"torch-mltp {args.command}: warning: {warning}")
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(line_buffering=True)  # each line as it comes, also into a pipe or a file
     threads = args.threads or (1 if getattr(args, "dataset", None) == "mnist1d" else None)
@@ -581,11 +676,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with _processes(args), messages_to_stdout():
             _run(args)
     except (DatasetError, ExperimentError) as err:
-        _print_error(f"torch-mltp: error: {err}")
+        _print_error(f"torch-mltp {args.command}: error: {err}")
         return 2
     except KeyboardInterrupt:
         _print_error(
-            "torch-mltp: interrupted; run the same command again to resume from the last finished epoch"
+            f"torch-mltp {args.command}: interrupted; run the same command again to resume from the last "
+            "finished epoch"
         )
         return 130
     finally:

@@ -11,6 +11,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from torch_mltp.data import DataSplits, load_dataset
 
+from . import distributed
 from .plots import plot_accuracy, plot_alphas, plot_gradient_cosine
 from .stats import MAX_EXACT_SIGN_FLIPS, SIGN_FLIP_DRAWS, mean_std, paired_difference
 from .training import (
@@ -19,6 +20,7 @@ from .training import (
     RunResult,
     check_procedures,
     metric_name,
+    split_training,
     train_run,
     versions,
 )
@@ -284,6 +286,7 @@ def compare(
     if data is None:
         data = load_dataset(experiment.dataset, options.data_root, download=options.download)
     check_procedures(experiment, procedures, data)
+    split_training(data, experiment, distributed.current())  # a bad --batch-size fails before any run
     plan = [(procedure, seed) for seed in seeds for procedure in procedures]
     log.info(
         "%d runs (%d procedure(s) x %d seed(s)) of %s on %s into %s",

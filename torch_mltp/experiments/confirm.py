@@ -37,6 +37,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import statistics
 import sys
 import time
@@ -48,7 +49,7 @@ import torch
 
 from torch_mltp.data import load_dataset
 
-from .cli import messages_to_stdout
+from .cli import DATA_ROOT_ENV, DEFAULT_DATA_ROOT, messages_to_stdout
 from .compare import CONFIDENCE
 from .recipes import TRAIN_SET_SIZES, recipe_for
 from .stats import holm, mean_std, non_inferiority_p, paired_difference
@@ -659,7 +660,10 @@ def finish_phase(phase: str, args: argparse.Namespace) -> bool:
         return True
     if phase == "cost":
         cost = measure_cost(
-            _read(root / "choices.json", "budget"), args.cost_steps, args.cost_rounds, args.data_root
+            _read(root / "choices.json", "budget"),
+            args.cost_steps,
+            args.cost_rounds,
+            args.data_root or os.environ.get(DATA_ROOT_ENV) or DEFAULT_DATA_ROOT,
         )
         cost["about"] = {
             "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -719,14 +723,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--cost-steps", type=int, default=100, help="steps per timing (default 100)")
     parser.add_argument("--cost-rounds", type=int, default=5, help="timings per procedure (default 5)")
-    parser.add_argument("--data-root", default="data", help="for the cost phase's batches (default: ./data)")
+    parser.add_argument(
+        "--data-root",
+        help="passed to every torch-mltp compare command when given; the cost phase's batches come from it "
+        f"(default, as for torch-mltp: ${DATA_ROOT_ENV} or ./{DEFAULT_DATA_ROOT})",
+    )
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    extra = [*extra, "--data-root", args.data_root]
+    if args.data_root is not None:
+        extra = [*extra, "--data-root", args.data_root]
     if args.only is not None and args.phase not in ("budget", "rho", "run", "list"):
         parser.error(f"--only names the comparisons of one training phase, not of {args.phase}")
     try:

@@ -133,6 +133,16 @@ class RunFolder:
         _write_json(result, self.path / RESULT_FILE)
 
 
+def written_by(path: Path) -> Optional[str]:
+    """The command (``train``, ``compare``, ``reproduce``) that wrote the run in ``path``, as its
+    ``config.json`` records it; ``None`` when it records none."""
+    try:
+        stored = json.loads((Path(path) / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return stored.get("options", {}).get("command") if isinstance(stored, dict) else None
+
+
 def _way_out(stored: Optional[dict], writer: Optional[str], overwrite_does: str) -> str:
     """What to pass instead: ``--overwrite`` only for a run that the same command wrote (deleting it
     deletes nothing of another command's), else another ``--out`` to keep it."""

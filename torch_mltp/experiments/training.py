@@ -57,6 +57,7 @@ __all__ = [
     "build_optimizer",
     "check_procedures",
     "evaluate",
+    "split_training",
     "train_run",
     "training_step",
     "training_subset",
@@ -249,6 +250,31 @@ def validation_split(dataset: Dataset, fraction: Optional[float]) -> Tuple[Datas
         )
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(VALIDATION_SEED)).tolist()
     return Subset(dataset, sorted(order[held_out:])), Subset(dataset, sorted(order[:held_out]))
+
+
+def split_training(
+    data: DataSplits, experiment: Experiment, processes: Processes = SINGLE_PROCESS
+) -> Tuple[Dataset, Optional[Dataset]]:
+    """``(train, validation)``: the training samples after the recipe's ``train_samples`` and
+    ``val_fraction`` (:func:`training_subset`, :func:`validation_split`). Refuses a batch larger than what
+    one process trains on: the training samples, under torchrun each process's equal share of them."""
+    recipe = experiment.recipe
+    subset = training_subset(data.train, recipe.train_samples)
+    train, validation = validation_split(subset, recipe.val_fraction)
+    available = len(train) // processes.world_size
+    if recipe.batch_size > available:
+        given = (("--train-samples", recipe.train_samples), ("--val-fraction", recipe.val_fraction))
+        chosen = " and ".join(f"{option} {value}" for option, value in given if value is not None)
+        samples = f"the {len(train)} training samples of {experiment.dataset}" + (
+            f" left by {chosen}" if chosen else ""
+        )
+        if processes.distributed:
+            samples = f"each of the {processes.world_size} processes' share of {samples}"
+        raise ExperimentError(
+            f"argument --batch-size: a batch cannot be larger than the training set: expected at most "
+            f"{available} ({samples}), got {recipe.batch_size}"
+        )
+    return train, validation
 
 
 def build_model_for(experiment: Experiment, data: DataSplits) -> nn.Module:
@@ -702,8 +728,7 @@ def train_run(
     summary_writer = _summary_writer_class() if options.tensorboard and processes.is_main else None
     if data is None:
         data = load_dataset(experiment.dataset, options.data_root, download=options.download)
-    subset = training_subset(data.train, recipe.train_samples)
-    train, validation = validation_split(subset, recipe.val_fraction)
+    train, validation = split_training(data, experiment, processes)
     data = dataclasses.replace(data, train=train)
 
     seed_everything(seed)
