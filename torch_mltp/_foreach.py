@@ -14,7 +14,7 @@ each takes lists of tensors and costs a number of kernel launches that does not 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -228,12 +228,12 @@ def alpha_gradients(
             sums = _add_at(sums, alpha_of[n], _dot(h_selected[n], g_selected[n]), len(alphas))
         for n in group.elementwise:
             a = alpha_of[n]
-            product = h_selected[n] * g_selected[n]
-            products[a] = product if products[a] is None else products[a] + product
+            product, previous = h_selected[n] * g_selected[n], products[a]
+            products[a] = product if previous is None else previous + product
     used = set(alpha_of)
     values = (sums * scale).unbind() if sums is not None else ()
-    grads = [
-        (values[a] if alphas[a].dim() == 0 else products[a] * scale) if a in used else None
+    grads: list[Optional[Tensor]] = [
+        (values[a] if alphas[a].dim() == 0 else cast(Tensor, products[a]) * scale) if a in used else None
         for a in range(len(alphas))
     ]
     return [
@@ -271,10 +271,11 @@ def add_scaled(
     """``base[k] + scale * term[k]`` per tensor, absent entries read as zero, accumulated into ``base`` in
     place (owned tensors, see :func:`owned`)."""
     combined = list(base)
+    present, terms = cast("list[Tensor]", combined), cast("Sequence[Tensor]", term)  # read at ``both`` only
     for group in groups:
         both = [k for k in group.large + group.small if combined[k] is not None and term[k] is not None]
         if both:
-            torch._foreach_add_([combined[k] for k in both], [term[k] for k in both], alpha=scale)
+            torch._foreach_add_([present[k] for k in both], [terms[k] for k in both], alpha=scale)
     for k, value in enumerate(term):
         if value is not None and combined[k] is None:
             combined[k] = value * scale
@@ -306,7 +307,7 @@ def owned(grads: Sequence[Optional[Tensor]], params: Sequence[Tensor]) -> list[O
     end = None
     for start, stop, k in sorted(spans):
         if end is not None and start < end:  # overlaps a gradient before it
-            result[k] = _copy_like(result[k], params[k])
+            result[k] = _copy_like(cast(Tensor, result[k]), params[k])
         else:
             end = stop if end is None else max(end, stop)
     return result
@@ -343,7 +344,8 @@ def accumulate_hessian_term(
         combined = list(targets)
         for k, term in enumerate(terms):
             if term is not None:
-                combined[k] = term if combined[k] is None else combined[k].add_(term)
+                previous = combined[k]
+                combined[k] = term if previous is None else previous.add_(term)
         return combined
     saved = [p.grad for p in params]
     try:

@@ -54,7 +54,8 @@ def check_entry(saved: Any, settings: dict[str, Any], alphas: dict[str, Tensor])
     eta = saved["eta"]
     if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not math.isfinite(eta) or eta < 0:
         raise ValueError(f"the state dict's eta must be a finite number >= 0, got {eta!r}")
-    bounds = [saved.get("alpha_min"), saved.get("alpha_max")]  # absent from entries written before them
+    # absent from entries written before them
+    bounds: list[Any] = [saved.get("alpha_min"), saved.get("alpha_max")]
     for name, bound in zip(("alpha_min", "alpha_max"), bounds):
         if bound is not None and (
             isinstance(bound, bool) or not isinstance(bound, numbers.Real) or not math.isfinite(bound)

@@ -32,7 +32,7 @@ Two optional inputs serve mixed precision and data parallelism without changing 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -96,7 +96,7 @@ def single_tensor_mltp(
         g_graph = differentiate(loss_i, params, loss_scale, "i", create_graph=not first_order)
     loss_i, g_i = loss_i.detach(), [None if g is None else g.detach() for g in g_graph]
     if average is not None:  # task i is the union of every process's task i
-        loss_i, *g_i = average([loss_i, *g_i], [loss_i, *params])
+        loss_i, g_i = _averaged(average, loss_i, g_i, params)
     # line 4: w'_S = w_S - alpha * g_i,S (g_i unscaled); guarded: w' = w unless g_i,S is finite
     g_selected = [_or_zeros(g_i[k], params[k]) for k in selected]
     step_sizes = (
@@ -113,28 +113,30 @@ def single_tensor_mltp(
         h_j = list(differentiate(loss_j, params, loss_scale, "j", create_graph=False))
     loss_j = loss_j.detach()
     if average is not None:  # task j is the union of every process's task j
-        loss_j, *h_j = average([loss_j, *h_j], [loss_j, *params])
+        loss_j, h_j = _averaged(average, loss_j, h_j, params)
     # line 6: J = L_i(w) + eta * L_j(w')
     objective = loss_i + eta * loss_j
     # dJ/dalpha = -eta * <h_j,S, g_i,S> over the entries each alpha scales (half precision in float32)
     scale = -eta if s is None else -eta / s
-    alpha_result: Optional[list] = [None] * len(alphas) if alpha_grads else None
+    alpha_sums: list[Optional[Tensor]] = [None] * len(alphas)
     for k, a, g in zip(selected, alpha_of, g_selected) if alpha_grads else ():
         accumulate = _foreach._ACCUMULATE.get(g.dtype, g.dtype)
         product = _or_zeros(h_j[k], params[k]).to(accumulate) * g.to(accumulate)
         product = product.sum() if alphas[a].dim() == 0 else product
-        alpha_result[a] = product if alpha_result[a] is None else alpha_result[a] + product
-    if alpha_result is not None:
+        previous = alpha_sums[a]
+        alpha_sums[a] = product if previous is None else previous + product
+    alpha_result: Optional[list[Optional[Tensor]]] = None
+    if alpha_grads:
         alpha_result = [
-            None if p is None else (p * scale).to(alphas[a].dtype) for a, p in enumerate(alpha_result)
+            None if p is None else (p * scale).to(alphas[a].dtype) for a, p in enumerate(alpha_sums)
         ]
     # dJ/dw = g_i + eta * h_j (first order: dw'/dw = I) ...
     param_grads = [_total(p, (g, 1.0), (h, eta)) for p, g, h in zip(params, g_i, h_j)]
     if not first_order:  # ... - eta * H_i[:, S] (alpha * h_j,S): one Hessian-vector product
         pairs = [
-            (g_graph[k], -eta * alpha * h_j[k])
-            for k, alpha in zip(selected, step_sizes)
-            if g_graph[k] is not None and g_graph[k].requires_grad and h_j[k] is not None
+            (g, -eta * alpha * h)
+            for g, h, alpha in zip((g_graph[k] for k in selected), (h_j[k] for k in selected), step_sizes)
+            if g is not None and g.requires_grad and h is not None
         ]
         if pairs:
             outputs, vectors = zip(*pairs)
@@ -179,7 +181,7 @@ def multi_tensor_mltp(
     g_values = list(g_graph) if first_order else [None if g is None else g.detach() for g in g_graph]
     loss_i, g_i = loss_i.detach(), _foreach.owned(g_values, params)
     if average is not None:  # task i is the union of every process's task i
-        loss_i, *g_i = average([loss_i, *g_i], [loss_i, *params])
+        loss_i, g_i = _averaged(average, loss_i, g_i, params)
     # line 4: w'_S = w_S - alpha * g_i,S (g_i unscaled); guarded: w' = w unless g_i,S is finite
     g_selected = [_or_zeros(g_i[k], params[k]) for k in selected]
     step_sizes = [alphas[a] for a in alpha_of] if s is None else scaled_step_sizes(alphas, alpha_of, s)
@@ -194,7 +196,7 @@ def multi_tensor_mltp(
         h_j = list(differentiate(loss_j, params, loss_scale, "j", create_graph=False))
     loss_j = loss_j.detach()
     if average is not None:  # task j is the union of every process's task j
-        loss_j, *h_j = average([loss_j, *h_j], [loss_j, *params])
+        loss_j, h_j = _averaged(average, loss_j, h_j, params)
     # line 6: J = L_i(w) + eta * L_j(w')
     objective = loss_i + eta * loss_j
     # dJ/dalpha = -eta * <h_j,S, g_i,S> over the entries each alpha scales (half precision in float32)
@@ -210,10 +212,14 @@ def multi_tensor_mltp(
     param_grads = _foreach.add_scaled(space.param_groups, g_i, h_j, eta)
     if not first_order:  # ... - eta * H_i[:, S] (alpha * h_j,S): one Hessian-vector product, into them
         present = [n for n, k in enumerate(selected) if h_j[k] is not None and g_graph[k] is not None]
-        vectors = _foreach.owned([_or_zeros(h_j[k], params[k]) for k in selected], shifted)  # h_j's storage
+        # h_j's storage, every entry present
+        vectors = cast(
+            "list[Tensor]", _foreach.owned([_or_zeros(h_j[k], params[k]) for k in selected], shifted)
+        )
         factors = {a: alphas[a].detach() * scale for a in set(alpha_of)}
         _foreach.scale_by(space.selected_groups, vectors, [factors[a] for a in alpha_of])
-        outputs, vectors = [g_graph[selected[n]] for n in present], [vectors[n] for n in present]
+        outputs = cast("list[Tensor]", [g_graph[selected[n]] for n in present])
+        vectors = [vectors[n] for n in present]
         del g_graph, h_j  # the product frees each vector (h_j's storage) when it is used
         with _explaining_double_backward():
             param_grads = _foreach.accumulate_hessian_term(outputs, vectors, params, param_grads)
@@ -262,7 +268,7 @@ def mltp_gradients(
     """
     if foreach is None:
         foreach = fast_path_applies(params, alphas)
-    options = dict(
+    options: dict[str, Any] = dict(
         alpha_grads=alpha_grads, loss_scale=loss_scale, average=average, guard_lookahead=guard_lookahead
     )
     args = (closure_i, closure_j, params, selected, alphas, alpha_of, eta, first_order)
@@ -355,6 +361,14 @@ def _restore_storage(param: Tensor, original: Tensor) -> Callable[[Tensor], None
         param.data = original
 
     return restore
+
+
+def _averaged(
+    average: Average, loss: Tensor, grads: Sequence[Optional[Tensor]], params: Sequence[Tensor]
+) -> tuple[Tensor, list[Optional[Tensor]]]:
+    """A task's loss and gradients averaged over processes, in one call of ``average``."""
+    mean_loss, *mean_grads = average([loss, *grads], [loss, *params])
+    return cast(Tensor, mean_loss), mean_grads
 
 
 def _or_zeros(grad: Optional[Tensor], param: Tensor) -> Tensor:

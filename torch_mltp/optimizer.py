@@ -182,9 +182,10 @@ class MLTPOptimizer(torch.optim.Optimizer):
             default), each process's two tasks are its own and ``J`` is the mean of the processes'
             objectives; ``"global"``, task i is the union of every process's first task, task j of
             every second task.  A model sharded with FSDP (``fully_shard``) takes ``"global"`` only,
-            and first-order modes.  ``"global"`` with a plain model once a process group exists: an
-            engine (the ``Trainer``, accelerate, Lightning) wraps it in ``DistributedDataParallel``
-            later, and the first :meth:`backward` finds the wrapper.  See ``docs/distributed.md``.
+            and first-order modes.  Given with a plain model once a process group exists (``"global"``
+            on any number of processes, ``"local"`` on several): an engine (the ``Trainer``, Lightning)
+            wraps the model in ``DistributedDataParallel`` itself, before or after the optimizer is
+            built, and the first :meth:`backward` finds the wrapper.  See ``docs/distributed.md``.
         process_group: average over this group (default: the DDP model's; none for a plain model).
         foreach: ``None`` (default) computes a step with fused multi-tensor operations wherever they
             apply, ``False`` with the plain per-tensor code of
@@ -590,7 +591,7 @@ class MLTPOptimizer(torch.optim.Optimizer):
     def _with_alphas(self, plain: dict[str, Any]) -> dict[str, Any]:
         """A plain optimizer's state dict, checked against the weights' groups, with the alphas' group and
         optimizer state as they are now appended (under indices after the state dict's own)."""
-        groups = plain.get("param_groups")
+        groups: Any = plain.get("param_groups")  # a list of dicts once check_base_state has passed
         if isinstance(groups, list) and any(isinstance(g, dict) and g.get(ALPHA_GROUP_KEY) for g in groups):
             raise ValueError(
                 "the state dict holds the alphas' param group but no 'mltp' entry: an MLTPOptimizer "

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 
@@ -64,12 +64,13 @@ class MLTPTrainer(Trainer):
             settings = {"mode": "fo", **self.mltp}  # attention kernels are rarely twice differentiable
             if self.args.world_size > 1:  # every process computes the step of the union of the tasks
                 settings.setdefault("tasks", "global")
-            self.optimizer = MLTPOptimizer(optimizer, self.model if model is None else model, **settings)
+            module = cast(torch.nn.Module, self.model if model is None else model)
+            self.optimizer = MLTPOptimizer(optimizer, module, **settings)
         elif self.mltp:
             raise ValueError(
                 "the optimizer is already an MLTPOptimizer: drop mltp= or pass a plain optimizer"
             )
-        return self.optimizer
+        return cast(torch.optim.Optimizer, self.optimizer)
 
     def training_step(
         self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
@@ -101,12 +102,16 @@ class MLTPTrainer(Trainer):
             if num_items_in_batch is not None and self._counted_items(task) == 0:
                 return _zero_loss(model)
             with self.compute_loss_context_manager():
-                return self.compute_loss(model, task)
+                return cast(torch.Tensor, self.compute_loss(model, task))
 
-        objective = unwrap_optimizer(self.optimizer).backward(
+        objective = self._mltp().backward(
             *task_closures(task_loss, *inputs.values()), weight=weight, scaler=self.accelerator.scaler
         )
         return objective * weight
+
+    def _mltp(self) -> MLTPOptimizer:
+        """The ``MLTPOptimizer`` that :meth:`create_optimizer` built, inside accelerate's wrapper."""
+        return cast(MLTPOptimizer, unwrap_optimizer(cast(torch.optim.Optimizer, self.optimizer)))
 
     def _counted_items(self, inputs: dict[str, Any]) -> Any:
         """The items of ``inputs`` that the ``Trainer`` counts for ``num_items_in_batch`` (summed over the
@@ -116,7 +121,7 @@ class MLTPTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
         """The ``Trainer``'s logs, and with the training loss the alphas as ``alpha/<name>``."""
         if "loss" in logs:
-            alphas = unwrap_optimizer(self.optimizer).alphas
+            alphas = self._mltp().alphas
             logs.update({f"alpha/{name}": alpha.mean().item() for name, alpha in alphas.items()})
         super().log(logs, start_time)
 

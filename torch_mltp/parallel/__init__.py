@@ -41,7 +41,8 @@ def backend_for(
     """The backend for ``model``: FSDP2's when it is sharded with ``fully_shard``; DDP's when it is a
     ``DistributedDataParallel`` model or a ``process_group`` is given, or with ``tasks`` given once a
     process group exists (an engine wraps the model, before or after the optimizer is built:
-    :class:`DeferredDDPBackend`); else one process's.  Refuses, with the ways that work, what no backend can do."""
+    :class:`DeferredDDPBackend`); else one process's.  Refuses, with the ways that work, what no backend
+    can do."""
     sharded = fsdp_backend(model, mode, tasks, process_group)
     if sharded is not None:
         return sharded

@@ -23,7 +23,7 @@ from __future__ import annotations
 import gc
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, cast
 
 import torch
 import torch.distributed as dist
@@ -63,7 +63,8 @@ class DDPBackend(LocalBackend):
         params, with_alphas = step.layout.params, result.alpha_grads is not None
         tensors = [result.loss_i, result.loss_j, *result.param_grads, *(result.alpha_grads or ())]
         like = [result.loss_i, result.loss_j, *params, *(step.alphas if with_alphas else ())]
-        loss_i, loss_j, *grads = self.average(tensors, like)
+        averaged = self.average(tensors, like)
+        loss_i, loss_j, grads = cast(Tensor, averaged[0]), cast(Tensor, averaged[1]), averaged[2:]
         alpha_grads = grads[len(params) :] if with_alphas else None
         return MLTPGradients(loss_i + step.eta * loss_j, loss_i, loss_j, grads[: len(params)], alpha_grads)
 
@@ -212,7 +213,7 @@ class GradientAverager:
                 [
                     torch.zeros(like[k].numel(), dtype=like[k].dtype, device=like[k].device)
                     if tensors[k] is None
-                    else tensors[k].reshape(-1)
+                    else cast(Tensor, tensors[k]).reshape(-1)
                     for k in bucket
                 ]
                 + [

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, cast
 
 import torch
 import torch.distributed as dist
@@ -40,8 +40,12 @@ from ..selection import Mode, unwrap_model
 from .backend import Backend, Outcome, Step
 from .local import AlphaStore
 
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
 
-def fsdp_modules(model: nn.Module) -> list[nn.Module]:
+
+def fsdp_modules(model: nn.Module) -> list[FSDPModule]:
     """The modules of ``model`` that ``fully_shard`` was applied to (empty without FSDP2)."""
     fsdp_module = _fsdp_module_class()
     if fsdp_module is None:
@@ -49,7 +53,7 @@ def fsdp_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in unwrap_model(model).modules() if isinstance(m, fsdp_module)]
 
 
-def _fsdp_module_class() -> Optional[type]:
+def _fsdp_module_class() -> Optional[type[FSDPModule]]:
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # torch < 2.6
@@ -60,7 +64,7 @@ def _fsdp_module_class() -> Optional[type]:
     return FSDPModule
 
 
-def dtensor_class() -> type:
+def dtensor_class() -> type[DTensor]:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch < 2.5
@@ -109,7 +113,7 @@ def fsdp_backend(
             "to the root module too (fully_shard(model) after its submodules), so that every parameter "
             "is a shard"
         )
-    meshes = [p.device_mesh for p in unwrap_model(model).parameters()]
+    meshes = [cast("DTensor", p).device_mesh for p in unwrap_model(model).parameters()]
     mesh = meshes[0]
     if mesh.ndim != 1 or any(m != mesh for m in meshes):
         raise ValueError(
@@ -129,7 +133,7 @@ class FSDPBackend(Backend):
 
     tasks = "global"
 
-    def __init__(self, modules: list[nn.Module], mesh: Any, group: Any):
+    def __init__(self, modules: list[FSDPModule], mesh: Any, group: Any):
         self.modules, self.mesh, self.group = modules, mesh, group
         self.world_size = dist.get_world_size(group)
 
@@ -171,7 +175,7 @@ class FSDPBackend(Backend):
         objective = loss_i + eta * loss_j
         if not per_element:  # dJ/dalpha = -eta <h_j, g_i>, summed over the processes' shards
             alpha_grads = [None if g is None else s for g, s in zip(alpha_grads, vector[2 : 2 + len(sums)])]
-        marks = list(torch.where(vector[2 + len(sums) :] > 0, math.nan, 0.0).unbind())
+        marks: list[Optional[Tensor]] = list(torch.where(vector[2 + len(sums) :] > 0, math.nan, 0.0).unbind())
         judged = marks[len(params) :] if per_element else alpha_grads
         verdict = MLTPGradients(
             objective,
@@ -295,7 +299,7 @@ def _combined_in_place(
         return None
     with torch.no_grad():
         if g is None:
-            total = h
+            total = cast(Tensor, h)  # not None: one of g and h is
             local(total).mul_(eta)
         else:
             total = g

@@ -109,8 +109,8 @@ class AlphaStore:
             for view in self.views.values():
                 view.normal_(mean, std) if std > 0 else view.fill_(mean)
             self.clamp(minimum, maximum)
-        for bucket in self.buckets:
-            bucket.requires_grad_(learn)
+        for storage in self.buckets:
+            storage.requires_grad_(learn)
 
     def _make_views(self) -> dict[str, Tensor]:
         views = {
@@ -151,7 +151,7 @@ class AlphaStore:
         for bucket, members in zip(self.buckets, self.members):
             if all(grads[a] is None for a in members):
                 continue
-            parts = [self._zeros(a) if grads[a] is None else grads[a] for a in members]
+            parts = [self._zeros(a) if (g := grads[a]) is None else g for a in members]
             if all(part.dim() == 0 for part in parts):
                 whole = torch.stack(parts)
             else:
@@ -175,7 +175,7 @@ class AlphaStore:
         views = list(self.views.values())
         for bucket, members in zip(self.buckets, self.members):
             grad = bucket.grad
-            parts = None
+            parts: Optional[Sequence[Tensor]] = None
             if grad is not None:  # the bucket's gradient cut into its alphas' views, in one operation
                 spans = [self.spans[a] for a in members]
                 if all(span.shape == torch.Size() for span in spans):
