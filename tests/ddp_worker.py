@@ -78,6 +78,11 @@ def snapshot(model: nn.Module, opt: MLTPOptimizer) -> dict:
 
 def one_step_gradients(tasks: str, mode, rank: int) -> dict:
     model, ddp, opt = build(tasks, mode, rank, lr=0.0)
+    return first_backward(model, ddp, opt, rank)
+
+
+def first_backward(model: nn.Module, ddp: nn.Module, opt: MLTPOptimizer, rank: int) -> dict:
+    """``J``, the alphas before it, and the gradients of one ``backward`` on this rank's first shard."""
     alphas = {n: a.detach().clone() for n, a in opt.alphas.items()}
     J = opt.backward(*closures(ddp, *shard(0, rank)))
     return {
@@ -163,14 +168,7 @@ def wrapped_after_the_optimizer(mode, rank: int) -> dict:
     torch.manual_seed(100 + rank)  # the processes draw different alphas: rank 0's must win
     opt = MLTPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, mode=mode, tasks="global")
     ddp = DistributedDataParallel(model, find_unused_parameters=True)
-    alphas = {n: a.detach().clone() for n, a in opt.alphas.items()}
-    J = opt.backward(*closures(ddp, *shard(0, rank)))
-    return {
-        "J": J,
-        "alphas": alphas,
-        "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
-        "alpha_grads": {n: None if a.grad is None else a.grad.clone() for n, a in opt.alphas.items()},
-    }
+    return first_backward(model, ddp, opt, rank)
 
 
 def never_wrapped(rank: int) -> Optional[str]:

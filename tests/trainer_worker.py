@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import transformers
+from test_integrations import bert
 
 from torch_mltp.integrations.accelerate import unwrap_optimizer
 from torch_mltp.integrations.transformers import MLTPTrainer
@@ -30,18 +31,7 @@ SETTINGS = dict(
 
 
 def tiny_bert() -> transformers.PreTrainedModel:
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        vocab_size=100,
-        num_labels=2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return transformers.BertForSequenceClassification(config).double()
+    return bert().double()
 
 
 def examples(n: int = 64, length: int = 8) -> list[dict]:
