@@ -345,12 +345,12 @@ class MLTPOptimizer(torch.optim.Optimizer):
         return result.objective
 
     def _skips_on_device(self, layout: Layout) -> bool:
-        """``nonfinite="skip"`` with a fused base optimizer whose state exists: the fused kernel skips
-        the update when told so by a device flag (as under ``GradScaler``), so no step waits for the
-        device.  A step that would create state is decided on the host: a fused kernel told to skip
-        may leave the state it creates unwritten (fused SGD's momentum buffers)."""
+        """Under ``nonfinite="skip"``, whether the base optimizer is fused and its state exists: the fused
+        kernel then skips the update when told so by a device flag (as under ``GradScaler``), so no step
+        waits for the device.  A step that would create state is decided on the host: a fused kernel
+        told to skip may leave the state it creates unwritten (fused SGD's momentum buffers)."""
         base = self.base_optimizer
-        if self.nonfinite != "skip" or not getattr(base, "_step_supports_amp_scaling", False):
+        if not getattr(base, "_step_supports_amp_scaling", False):
             return False
         stepped = layout.params + (self._alphas.buckets if self.learn_alpha else [])
         return all(p in base.state for p in stepped)
