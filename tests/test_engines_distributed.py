@@ -56,6 +56,45 @@ def test_a_run_resumed_from_a_checkpoint_equals_the_uninterrupted_run(ranks):
             assert torch.equal(value, uninterrupted[name]), name
 
 
+@pytest.mark.parametrize("across_devices", [True, False])
+def test_micro_batches_weigh_by_the_tokens_of_every_process(ranks, across_devices):
+    """A causal LM with ``num_items_in_batch``: ``w_m`` is micro-batch m's tokens over the step's, counted
+    over both processes (by the Trainer with ``average_tokens_across_devices``, else by MLTP), and each
+    task's loss is the mean of the processes' means: one process computing exactly that ends where both
+    processes end (float64)."""
+    from test_integrations import items, llama
+
+    runs = [saved[f"counted/{across_devices}"] for saved in ranks]
+    for name, value in runs[0]["weights"].items():
+        assert torch.equal(value, runs[1]["weights"][name]), name
+    model = llama().double()
+    opt = MLTPOptimizer(
+        torch.optim.AdamW(model.parameters(), lr=SETTINGS["learning_rate"], weight_decay=0.0, fused=True),
+        model,
+        **MLTP,
+    )
+    k = SETTINGS["gradient_accumulation_steps"]
+    for step in range(SETTINGS["max_steps"]):
+        opt.zero_grad()
+        micro = [[run["seen"][step * k + m] for run in runs] for m in range(k)]
+        total = sum(items(batch) for batches in micro for batch in batches)
+        for batches in micro:
+            halves = [
+                [{key: value.chunk(2)[half] for key, value in b.items()} for b in batches] for half in (0, 1)
+            ]
+            closure_i, closure_j = (
+                lambda tasks=tasks: sum(model(**task)["loss"] for task in tasks) / len(tasks)
+                for tasks in halves
+            )
+            opt.backward(closure_i, closure_j, weight=sum(items(b) for b in batches) / total)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), SETTINGS["max_grad_norm"])
+        opt.step()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(runs[0]["weights"][name], param.detach(), rtol=1e-9, atol=1e-11, msg=name)
+    for name, alpha in opt.alphas.items():
+        torch.testing.assert_close(runs[0]["alphas"][name], alpha, rtol=1e-9, atol=1e-11, msg=name)
+
+
 def test_the_steps_equal_one_process_on_the_union_of_the_tasks(ranks):
     """Each micro-batch's task i is the union of the processes' first halves, task j of their second
     halves; weight 1/k per micro-batch, clipping, AdamW (fused, as the Trainer's), in float64."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import transformers
-from test_integrations import bert
+from test_integrations import bert, language_data, llama
 
 from torch_mltp.integrations.accelerate import unwrap_optimizer
 from torch_mltp.integrations.transformers import MLTPTrainer
@@ -69,6 +69,23 @@ def resumed_and_uninterrupted(folder: Path) -> tuple[dict, dict]:
     return where_it_ended(resumed), where_it_ended(uninterrupted)
 
 
+def counted_items(folder: Path, across_devices: bool) -> dict:
+    """A tiny Llama (float64), whose micro-batches the Trainer weighs by their tokens, counted over the
+    processes or, without ``average_tokens_across_devices``, by each process and then summed by MLTP."""
+    args = arguments(folder, save_strategy="no", average_tokens_across_devices=across_devices)
+    trainer = RecordingTrainer(
+        model=llama().double(), args=args, train_dataset=language_data(64), mltp=dict(MLTP)
+    )
+    trainer.train()
+    opt = unwrap_optimizer(trainer.optimizer)
+    weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    return {
+        "seen": trainer.seen,
+        "weights": weights,
+        "alphas": {n: a.detach().clone() for n, a in opt.alphas.items()},
+    }
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     args = arguments(out / "trainer", save_strategy="no")
@@ -86,12 +103,12 @@ def main() -> None:
         "alphas": {n: a.detach().clone() for n, a in opt.alphas.items()},
         "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
     }
+    for across in (True, False):  # a causal LM, whose micro-batches hold different numbers of tokens
+        saved[f"counted/{across}"] = counted_items(out / f"counted-{across}", across)
     torch.save(saved, out / f"rank{dist.get_rank()}.pt")
     dist.barrier()
     sys.stdout.flush()
-    os._exit(
-        0
-    )  # past Python's finalisation, where a gloo thread can abort the process after the work is done
+    os._exit(0)  # past Python's finalisation, where a gloo thread can abort once the work is done
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ class MLTPTrainer(Trainer):
                 )
             if items == 0:
                 return torch.zeros((), device=self.args.device)
-            weight = float(items / total)
+            weight = float(items) / float(total)  # in double precision: the counts may be float32 tensors
         keys = list(inputs)
 
         def task_loss(*values: Any) -> torch.Tensor:
