@@ -7,7 +7,7 @@ each takes lists of tensors and costs a number of kernel launches that does not 
   one without temporaries (a launch costs less than an extra pass over memory); the others are batched
   into fused ``torch._foreach_*`` operations.
 * Inner products of half-precision tensors are summed in float32.
-* The finiteness checks of a step's results (:func:`all_finite` on the device, :func:`first_nonfinite` on the
+* The finiteness checks of a step's results (:func:`all_finite` on the device, :func:`finite_on_host` on the
   host) read every tensor with a fixed number of reductions.
 """
 
@@ -106,14 +106,14 @@ def _alpha_group(
 ) -> AlphaGroup:
     positions = sorted(group.large + group.small)
     scalar = [n for n in positions if alphas[alpha_of[n]].dim() == 0]
-    small = sorted((n for n in scalar if n in set(group.small)), key=lambda n: alpha_of[n])
+    large, small = [n for n in scalar if n in group.large], [n for n in scalar if n not in group.large]
+    small.sort(key=lambda n: alpha_of[n])  # each alpha's products consecutive: one segment each
     segments = None
     if small:
         lengths = [0] * len(alphas)
         for n in small:
             lengths[alpha_of[n]] += chosen[n].numel()
         segments = torch.tensor(lengths, device=chosen[small[0]].device)
-    large = [n for n in scalar if n in set(group.large)]
     elementwise = [n for n in positions if alphas[alpha_of[n]].dim() > 0]
     return AlphaGroup(large, small, segments, sum(chosen[n].numel() for n in small), elementwise)
 
@@ -374,8 +374,7 @@ def finite_on_host(tensors: Sequence[Tensor]) -> bool:
         return True
     if all(t.is_cpu for t in tensors):  # the sum of every entry: small tensors concatenated, large ones alone
         small, sums = [], []
-        for t in tensors:
-            t = torch.view_as_real(t) if t.is_complex() else t
+        for t in _real(tensors):
             if t.numel() < constants.LARGE_TENSOR:
                 small.append(t.reshape(-1))
             else:
