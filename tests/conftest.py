@@ -48,11 +48,11 @@ def accelerator_state():
 def quick_figures(monkeypatch):
     """A comparison's figures as empty PNG headers: drawing dozens of real ones would take most of a study
     driver's smoke test (tests/test_plots.py and tests/test_cli.py draw real ones)."""
-    from torch_mltp.experiments import compare
+    from torch_mltp.experiments import comparison
 
     def write(result, path):
         path.write_bytes(b"\x89PNG\r\n\x1a\n")
         return path
 
     for name in ("plot_accuracy", "plot_alphas", "plot_gradient_cosine"):
-        monkeypatch.setattr(compare, name, write)
+        monkeypatch.setattr(comparison, name, write)

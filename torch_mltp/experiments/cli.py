@@ -29,7 +29,7 @@ from torch_mltp.data import DATASET_NAMES, DatasetError
 from torch_mltp.models import MODEL_NAMES
 
 from . import distributed
-from .compare import compare, run_dir_name, write_outputs
+from .comparison import compare, run_dir_name, write_outputs
 from .recipes import (
     ALL_PROCEDURES,
     ALPHA_POLICIES,

@@ -50,7 +50,7 @@ import torch
 from torch_mltp.data import load_dataset
 
 from .cli import DATA_ROOT_ENV, DEFAULT_DATA_ROOT, messages_to_stdout
-from .compare import CONFIDENCE
+from .comparison import CONFIDENCE
 from .recipes import TRAIN_SET_SIZES, recipe_for
 from .stats import holm, mean_std, non_inferiority_p, paired_difference
 from .study import Comparison, named, run_comparisons

@@ -14,7 +14,7 @@ import torch
 from torch_mltp.data import dataset_folder, dataset_present, load_dataset
 from torch_mltp.models import default_num_classes
 
-from .compare import BASELINE, compare, duration_text, write_outputs
+from .comparison import BASELINE, compare, duration_text, write_outputs
 from .recipes import TABLES, TRAIN_SET_SIZES, recipe_for
 from .training import (
     Experiment,

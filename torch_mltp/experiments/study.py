@@ -35,7 +35,7 @@ except ImportError:  # Windows
 
 from .cli import main as command_line
 from .cli import messages_to_stdout
-from .compare import markdown_table
+from .comparison import markdown_table
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import platform
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -64,6 +64,9 @@ __all__ = [
     "validation_split",
 ]
 
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``loss(output, target)``: the mean loss of a batch."""
+
 DEFAULT_COSINE_EVERY = 4
 """Measure the gradient cosine before every 4th step: a measurement costs about one step of standard
 training, so this adds about a quarter of standard training's time and less to MLTP's."""
@@ -80,9 +83,31 @@ class Experiment:
     """Train on at most this many batches per epoch (smoke tests)."""
     limit_test_batches: Optional[int] = None
     """Evaluate on at most this many test batches."""
+    make_model: Optional[Callable[[], nn.Module]] = field(default=None, compare=False, repr=False)
+    """The user's model: a function of no argument that returns an ``nn.Module``, called after the seed is
+    set (``model`` is then its name); ``None``: the registered model ``model``."""
+    loss: Optional[Loss] = field(default=None, compare=False, repr=False)
+    """``loss(output, target)``, the batch's mean loss, in place of cross-entropy (training and test loss);
+    its name is ``loss_name``."""
+    loss_name: Optional[str] = None
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "recipe": self.recipe.to_dict()}
+        """The settings as plain data (a run's config): the user's functions by name only."""
+        settings = {
+            "dataset": self.dataset,
+            "model": self.model,
+            "recipe": self.recipe.to_dict(),
+            "limit_train_batches": self.limit_train_batches,
+            "limit_test_batches": self.limit_test_batches,
+        }
+        if self.loss is not None:
+            settings["loss"] = self.loss_name
+        return settings
+
+    @property
+    def criterion(self) -> Loss:
+        """The loss of a batch: the user's, else cross-entropy."""
+        return F.cross_entropy if self.loss is None else self.loss
 
 
 @dataclass(frozen=True)
@@ -278,7 +303,15 @@ def split_training(
 
 
 def build_model_for(experiment: Experiment, data: DataSplits) -> nn.Module:
-    """The experiment's model, shaped for ``data``."""
+    """The experiment's model: the user's (``make_model()``), or the registered one shaped for ``data``."""
+    if experiment.make_model is not None:
+        model = experiment.make_model()
+        if not isinstance(model, nn.Module):
+            raise ExperimentError(
+                f"the model function {experiment.model} must return a torch.nn.Module, got "
+                f"{type(model).__name__}"
+            )
+        return model
     try:
         return build_model(experiment.model, data.num_classes, data.input_shape)
     except (ValueError, TypeError) as err:
@@ -336,12 +369,14 @@ class TrainTally:
         # loss sum, correct predictions, objective sum, samples, steps, cosine sum, cosines: one all-reduce
         self.sums = torch.zeros(7, dtype=torch.float64, device=device)
 
-    def loss_fn(self, model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """Cross-entropy of ``model`` on a batch, recorded in this tally."""
+    def loss_fn(
+        self, model: nn.Module, criterion: Loss = F.cross_entropy
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``criterion`` (default cross-entropy) of ``model`` on a batch, recorded in this tally."""
 
         def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            loss = criterion(logits, y)
             self.sums[0] += loss.detach().double() * len(y)
             self.sums[1] += (logits.detach().argmax(dim=1) == y).sum()
             self.sums[3] += len(y)
@@ -434,6 +469,7 @@ def train_one_epoch(
     processes: Processes = SINGLE_PROCESS,
     cosine_every: int = 0,
     probed_model: Optional[nn.Module] = None,
+    criterion: Loss = F.cross_entropy,
 ) -> Dict[str, float]:
     """Train ``model`` for one epoch; the train metrics, and the mean gradient cosine of the steps
     measured (every ``cosine_every``-th, on ``probed_model``, by default ``model``; the time the
@@ -443,7 +479,7 @@ def train_one_epoch(
     model.train()
     probed_model = model if probed_model is None else probed_model
     tally = TrainTally(device)
-    loss_fn = tally.loss_fn(model)
+    loss_fn = tally.loss_fn(model, criterion)
     probe_seconds = 0.0
     total = len(loader) if limit is None else min(limit, len(loader))
     with tqdm(total=total, desc=description, leave=False, disable=not progress, unit="batch") as bar:
@@ -451,9 +487,9 @@ def train_one_epoch(
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if cosine_every and index % cosine_every == 0 and len(x) >= 2:  # two tasks need two samples
                 started = time.perf_counter()
-                tally.add_cosine(gradient_cosine(probed_model, _cross_entropy(probed_model), x, y))
+                tally.add_cosine(gradient_cosine(probed_model, _plain_loss(probed_model, criterion), x, y))
                 probe_seconds += time.perf_counter() - started
-            tally.add_objective(training_step(optimizer, loss_fn, x, y, _cross_entropy(model)))
+            tally.add_objective(training_step(optimizer, loss_fn, x, y, _plain_loss(model, criterion)))
             bar.update()
             if progress and (index % 10 == 0 or index + 1 == total):
                 stats = tally.summary()
@@ -464,8 +500,9 @@ def train_one_epoch(
     return summary
 
 
-def _cross_entropy(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    return lambda x, y: F.cross_entropy(model(x), y)
+def _plain_loss(model: nn.Module, criterion: Loss) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``criterion`` of ``model`` on a batch, recorded nowhere."""
+    return lambda x, y: criterion(model(x), y)
 
 
 @torch.no_grad()
@@ -477,8 +514,10 @@ def evaluate(
     limit: Optional[int],
     processes: Processes = SINGLE_PROCESS,
     lockstep: bool = False,
+    criterion: Optional[Loss] = None,
 ) -> Dict[str, float]:
-    """Test loss and top-k accuracies (percent): ``test_acc`` is top-1, ``test_top5`` top-5.
+    """Test loss (``criterion``, default cross-entropy) and top-k accuracies (percent): ``test_acc`` is
+    top-1, ``test_top5`` top-5.
 
     Under torchrun each process evaluates its share of the test set and the sums are combined.
     ``lockstep`` (a model sharded with FSDP, whose forward pass is a collective): every process runs as
@@ -490,7 +529,10 @@ def evaluate(
     for x, y in itertools.islice(loader, limit):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = model(x)
-        sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
+        if criterion is None:
+            sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
+        else:
+            sums[0] += criterion(logits, y).double() * len(y)
         sums[1] += len(y)
         hits = logits.topk(max(topk), dim=1).indices == y[:, None]
         sums[2:] += torch.stack([hits[:, :k].any(dim=1).sum() for k in topk]).double()
@@ -763,7 +805,14 @@ def train_run(
         record = _train_epoch(experiment, procedure, seed, epoch, training, data, device, processes, options)
         if held_out is not None:
             metrics = evaluate(
-                training.model, held_out, device, (1,), experiment.limit_test_batches, processes
+                training.model,
+                held_out,
+                device,
+                (1,),
+                experiment.limit_test_batches,
+                processes,
+                lockstep=training.sharded,
+                criterion=experiment.loss,
             )
             record.update(val_loss=metrics["test_loss"], val_acc=metrics["test_acc"])
         record.update(_timed_evaluation(training, evaluation, device, experiment, processes))
@@ -824,6 +873,7 @@ def _train_epoch(
             processes,
             0 if options.fsdp else options.cosine_every,
             training.model,  # outside a DistributedDataParallel wrapper: a measurement, no gradient sync
+            experiment.criterion,
         )
     except FloatingPointError as err:
         raise ExperimentError(f"training diverged in epoch {epoch} ({err}); lower --lr") from None
@@ -859,6 +909,7 @@ def _timed_evaluation(
         experiment.limit_test_batches,
         processes,
         lockstep=training.sharded,
+        criterion=experiment.loss,
     )
     return {**metrics, "eval_time_s": time.perf_counter() - started}
 
