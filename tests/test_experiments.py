@@ -18,7 +18,13 @@ from torch.utils.data import Dataset, TensorDataset
 
 from torch_mltp import MLTPOptimizer
 from torch_mltp.data import DataSplits, default_model_names, load_dataset
-from torch_mltp.experiments.comparison import RunClock, duration_text, markdown_table, summarize, write_outputs
+from torch_mltp.experiments.comparison import (
+    RunClock,
+    duration_text,
+    markdown_table,
+    summarize,
+    write_outputs,
+)
 from torch_mltp.experiments.recipes import (
     DEFAULT_MODELS,
     MLTP_MODES,
