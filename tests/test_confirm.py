@@ -9,33 +9,33 @@ from pathlib import Path
 
 import pytest
 
-from torch_mltp.experiments import confirm
+from torch_mltp.experiments.confirm import analysis, design, driver
 from torch_mltp.experiments.stats import holm, non_inferiority_p
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_the_budget_candidates_of_each_regime():
-    assert [(b.name, b.settings) for b in confirm.budgets(4000)] == [
-        ("0.5x", ("--epochs", "50", "--milestones", "35")),
-        ("1x", ("--epochs", "100", "--milestones", "70")),
-        ("2x", ("--epochs", "200", "--milestones", "140")),
-        ("4x", ("--epochs", "400", "--milestones", "280")),
-        ("authors", ("--batch-size", "100", "--epochs", "150", "--milestones")),  # 6,000 steps, constant lr
+    assert [(b.name, b.settings) for b in design.budgets(4000)] == [
+        ("0.5x", ["--epochs", "50", "--milestones", "35"]),
+        ("1x", ["--epochs", "100", "--milestones", "70"]),
+        ("2x", ["--epochs", "200", "--milestones", "140"]),
+        ("4x", ["--epochs", "400", "--milestones", "280"]),
+        ("authors", ["--batch-size", "100", "--epochs", "150", "--milestones"]),  # 6,000 steps, constant lr
     ]
-    low = confirm.budgets(1000)
-    assert all(b.settings[:2] == ("--train-samples", "1000") for b in low)
-    assert [b.settings[2:] for b in low][1] == ("--epochs", "150", "--milestones", "100")
-    assert low[-1].settings[2:] == ("--batch-size", "100", "--epochs", "600", "--milestones")
-    names = [c.name for c in confirm.budget_comparisons(confirm.TUNING_SEEDS)]
+    low = design.budgets(1000)
+    assert all(b.settings[:2] == ["--train-samples", "1000"] for b in low)
+    assert [b.settings[2:] for b in low][1] == ["--epochs", "150", "--milestones", "100"]
+    assert low[-1].overrides == {"train_samples": 1000, "batch_size": 100, "epochs": 600, "milestones": ()}
+    names = [c.name for c in design.budget_comparisons(design.TUNING_SEEDS)]
     assert (
         len(names) == 2 * 2 * 5
         and names[0] == "budget-cnn-n4000-0.5x"
         and names[-1] == "budget-gap_cnn-n1000-authors"
     )
-    argv = confirm.budget_comparisons(confirm.TUNING_SEEDS)[0].argv(Path("runs/confirm"))
-    assert argv[argv.index("--seeds") + 1 : argv.index("--threads")] == [str(s) for s in range(10)]
-    assert argv[argv.index("--val-fraction") + 1] == "0.1" and argv[argv.index("--cosine-every") + 1] == "0"
+    first = design.budget_comparisons(design.TUNING_SEEDS)[0]
+    assert first.seeds == tuple(range(10))
+    assert first.settings["val_fraction"] == 0.1 and first.settings["cosine_every"] == 0
 
 
 def row(name, steps, val):
@@ -44,9 +44,9 @@ def row(name, steps, val):
 
 def test_the_choice_rules():
     rows = [row("1x", 3200, 91.0), row("2x", 6400, 91.5), row("4x", 12800, 91.4)]
-    assert confirm._pick(rows, "steps")["budget"] == "2x"  # the highest mean validation accuracy
+    assert analysis.pick(rows, "steps")["budget"] == "2x"  # the highest mean validation accuracy
     rows[0]["val_acc"]["mean"] = 91.5
-    assert confirm._pick(rows, "steps")["budget"] == "1x"  # a tie goes to fewer steps (or a smaller rho)
+    assert analysis.pick(rows, "steps")["budget"] == "1x"  # a tie goes to fewer steps (or a smaller rho)
 
 
 def test_steps_per_run_counts_the_validation_split_and_the_dropped_batch():
@@ -54,11 +54,11 @@ def test_steps_per_run_counts_the_validation_split_and_the_dropped_batch():
         recipe = {"train_samples": samples, "batch_size": batch, "epochs": epochs, "val_fraction": fraction}
         return {"dataset": "mnist1d", "experiment": {"recipe": recipe, "limit_train_batches": limit}}
 
-    assert confirm.steps_per_run(result(None, 128, 100)) == 3200  # 4,000 samples: 32 batches
-    assert confirm.steps_per_run(result(None, 128, 100, 0.1)) == 2900  # 3,600: 29 batches
-    assert confirm.steps_per_run(result(1000, 100, 600)) == 6000
-    assert confirm.steps_per_run(result(1000, 111, 1)) == 9  # 1000 = 9 * 111 + 1: the last one is dropped
-    assert confirm.steps_per_run(result(None, 128, 3, limit=2)) == 6
+    assert analysis.steps_per_run(result(None, 128, 100)) == 3200  # 4,000 samples: 32 batches
+    assert analysis.steps_per_run(result(None, 128, 100, 0.1)) == 2900  # 3,600: 29 batches
+    assert analysis.steps_per_run(result(1000, 100, 600)) == 6000
+    assert analysis.steps_per_run(result(1000, 111, 1)) == 9  # 1000 = 9 * 111 + 1: the last one is dropped
+    assert analysis.steps_per_run(result(None, 128, 3, limit=2)) == 6
 
 
 def test_holm_adjusts_a_family_in_its_order():
@@ -95,23 +95,23 @@ def test_the_verdicts_follow_the_plan():
         "mltp_fo α ≤ 0": {"seeds": seeds, "test_acc": low},
         "mltp_fo α ≥ 0": {"seeds": seeds, "test_acc": high},
     }
-    h1, h4 = (confirm._comparison(arms, h) for h in (confirm.HYPOTHESES[0], confirm.HYPOTHESES[3]))
+    h1, h4 = (analysis.arm_difference(arms, h) for h in (design.HYPOTHESES[0], design.HYPOTHESES[3]))
     assert h1["mean"] == pytest.approx(-1.0) and h4["mean"] == pytest.approx(-1.0) and h1["p"] < 0.001
     for entry in (h1, h4):
         entry["p_holm"] = 0.01
-    assert confirm._verdict(h1) == "reversed"
-    assert confirm._verdict(h4) == "supported: mltp_fo α ≥ 0 ahead"
+    assert analysis.verdict(h1) == "reversed"
+    assert analysis.verdict(h4) == "supported: mltp_fo α ≥ 0 ahead"
     h4["p_holm"] = 0.2
-    assert confirm._verdict(h4) == "not shown"
+    assert analysis.verdict(h4) == "not shown"
     arms["mltp_fo α ≤ 0"]["test_acc"], arms["mltp_fo α ≥ 0"]["test_acc"] = high, low
-    h4 = confirm._comparison(arms, confirm.HYPOTHESES[3])
+    h4 = analysis.arm_difference(arms, design.HYPOTHESES[3])
     h4["p_holm"] = 0.01
-    assert confirm._verdict(h4) == "supported: mltp_fo α ≤ 0 ahead"
+    assert analysis.verdict(h4) == "supported: mltp_fo α ≤ 0 ahead"
 
 
 def test_the_shards_split_a_phase():
-    comparisons = confirm.budget_comparisons((0,))
-    first, second = confirm._shard(comparisons, (1, 2)), confirm._shard(comparisons, (2, 2))
+    comparisons = design.budget_comparisons((0,))
+    first, second = driver.shard(comparisons, (1, 2)), driver.shard(comparisons, (2, 2))
     assert sorted(c.name for c in first + second) == sorted(c.name for c in comparisons)
     assert not {c.name for c in first} & {c.name for c in second}
 
@@ -122,20 +122,20 @@ def test_one_seed_smoke_of_every_phase(data_root, tmp_path, capsys, quick_figure
     argv += ["--tuning-seeds", "0", "--confirm-seeds", "100", "--cost-steps", "1", "--cost-rounds", "1"]
     argv += ["--epochs", "1", "--limit-train-batches", "1", "--limit-test-batches", "1", "--no-progress"]
     with pytest.raises(SystemExit, match=r"choices\.json is missing: run the budget phase first"):
-        confirm.main(["rho", *argv])
-    assert confirm.main(["all", *argv]) == 0
+        driver.main(["rho", *argv])
+    assert driver.main(["all", *argv]) == 0
     names = {p.name for p in results.iterdir()}
     assert {"choices.json", "cost.json", "budget.md", "budget.png", "rho.md", "results.json"} <= names
     assert {"cnn.md", "gap_cnn.md", "cost.png", "comparisons"} <= names
     choices = json.loads((results / "choices.json").read_text())
     cost = json.loads((results / "cost.json").read_text())
-    for model in confirm.MODELS:
+    for model in design.MODELS:
         for key in ("n4000", "n1000"):
             entry = choices[model][key]
             assert entry["budget"]["budget"] in {"0.5x", "1x", "2x", "4x", "authors"}
-            assert entry["rho"]["value"] in confirm.RHO_GRID
+            assert entry["rho"]["value"] in design.RHO_GRID
             assert cost[model][key]["ratio"]["standard"] == 1.0
-            assert set(cost[model][key]["seconds_per_step"]) == set(confirm.COST_PROCEDURES)
+            assert set(cost[model][key]["seconds_per_step"]) == set(design.COST_PROCEDURES)
     assert cost["about"]["steps"] == 1 and "torch" in cost["about"]["versions"]
     # the tuning runs held 10% out; the confirmatory runs train on everything, with the fresh seed
     tuning = json.loads((results / "comparisons" / "budget-cnn-n1000-1x" / "results.json").read_text())
@@ -153,21 +153,21 @@ def test_one_seed_smoke_of_every_phase(data_root, tmp_path, capsys, quick_figure
     family = analysis["families"]["mnist1d_gap_cnn"]
     assert [h["name"] for h in family["n4000"]["hypotheses"]] == ["H1", "H2", "H3", "H4"]
     assert all(h["p_holm"] == 1.0 and h["verdict"] == "not shown" for h in family["n1000"]["hypotheses"])
-    assert set(family["n4000"]["arms"]) == {arm.name for arm in confirm.ARMS}
+    assert set(family["n4000"]["arms"]) == {arm.name for arm in design.ARMS}
     table = (results / "cnn.md").read_text()
     assert "| H3 | mltp_fo ≥ SAM − 0.5 at equal cost |" in table and "| C1 |" in table
     printed = capsys.readouterr().out
     assert "phase run: summary in" in printed
     # the report phase writes the analysis again from the summaries, without training
     (results / "cnn.md").unlink()
-    assert confirm.main(["report", *argv]) == 0 and (results / "cnn.md").exists()
+    assert driver.main(["report", *argv]) == 0 and (results / "cnn.md").exists()
     assert not (runs / "report").exists()
     # a family is analysed as soon as its own runs are done
     for path in (results / "cnn.md", results / "gap_cnn.md", results / "results.json"):
         path.unlink()
     (results / "comparisons" / "gap_cnn-n1000-sam-cost-mltp_fo" / "results.json").unlink()
     capsys.readouterr()
-    assert confirm.main(["report", *argv]) == 0
+    assert driver.main(["report", *argv]) == 0
     assert (results / "cnn.md").exists() and not (results / "gap_cnn.md").exists()
     analysis = json.loads((results / "results.json").read_text())
     assert set(analysis["families"]) == {"mnist1d_cnn"} and analysis["pending"] == ["mnist1d_gap_cnn"]
@@ -176,7 +176,7 @@ def test_one_seed_smoke_of_every_phase(data_root, tmp_path, capsys, quick_figure
 
 
 def test_list_prints_a_phases_commands(capsys):
-    assert confirm.main(["list", "--phase-list", "budget"]) == 0
+    assert driver.main(["list", "--phase-list", "budget"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 20 and lines[0].startswith(
         "torch-mltp compare --dataset mnist1d --model mnist1d_cnn"
@@ -186,7 +186,7 @@ def test_list_prints_a_phases_commands(capsys):
 
 def test_only_selects_comparisons_by_name(capsys):
     assert (
-        confirm.main(
+        driver.main(
             ["list", "--phase-list", "budget", "--only", "budget-gap_cnn-n1000-2x", "budget-cnn-n4000-1x"]
         )
         == 0
@@ -198,7 +198,7 @@ def test_only_selects_comparisons_by_name(capsys):
     ]
     for argv in (["budget", "--only", "budget-cnn-n4000-3x"], ["report", "--only", "budget-cnn-n4000-1x"]):
         with pytest.raises(SystemExit) as exit_info:
-            confirm.main(argv)
+            driver.main(argv)
         assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert "unknown comparison(s) budget-cnn-n4000-3x; choose from budget-cnn-n4000-0.5x," in error
@@ -208,17 +208,17 @@ def test_only_selects_comparisons_by_name(capsys):
 def test_the_results_page_holds_the_plan_the_driver_runs():
     page = (REPO / "docs" / "results.md").read_text()
     plan = page[page.index("## Confirmatory study (pre-registered)") : page.index("## Epochs")]
-    for phase in confirm.PHASES:
+    for phase in driver.PHASES:
         assert f"\npython -m torch_mltp.experiments.confirm {phase}\n" in plan
-    assert tuple(range(100, 130)) == confirm.CONFIRM_SEEDS and "**Seeds.** 100-129: 30 seeds" in plan
-    assert tuple(range(10)) == confirm.TUNING_SEEDS and "tuning seeds 0-9" in plan
-    assert "ρ from {" + ", ".join(f"{rho:g}" for rho in confirm.RHO_GRID) + "}" in plan
-    assert f"margin of {confirm.MARGIN:g} points" in plan and f"level of {confirm.LEVEL:g}" in plan
-    assert f"--val-fraction {confirm.VAL_FRACTION:g}" in plan
-    assert confirm.BUDGET_SCALES == (0.5, 1.0, 2.0, 4.0) and "0.5, 1, 2 and 4 times" in plan
+    assert tuple(range(100, 130)) == design.CONFIRM_SEEDS and "**Seeds.** 100-129: 30 seeds" in plan
+    assert tuple(range(10)) == design.TUNING_SEEDS and "tuning seeds 0-9" in plan
+    assert "ρ from {" + ", ".join(f"{rho:g}" for rho in design.RHO_GRID) + "}" in plan
+    assert f"margin of {design.MARGIN:g} points" in plan and f"level of {design.LEVEL:g}" in plan
+    assert f"--val-fraction {design.VAL_FRACTION:g}" in plan
+    assert design.BUDGET_SCALES == (0.5, 1.0, 2.0, 4.0) and "0.5, 1, 2 and 4 times" in plan
     assert (
-        f"batch {confirm.AUTHORS_BATCH}, constant learning rate 1e-2, {confirm.AUTHORS_STEPS:,} steps" in plan
+        f"batch {design.AUTHORS_BATCH}, constant learning rate 1e-2, {design.AUTHORS_STEPS:,} steps" in plan
     )
-    assert all(f"* **{h.name}:**" in plan for h in confirm.HYPOTHESES)
-    assert all(f"| {arm.name} |" in plan for arm in confirm.ARMS)
-    assert [model for model in confirm.MODELS if f"`{model}`" in plan] == list(confirm.MODELS)
+    assert all(f"* **{h.name}:**" in plan for h in design.HYPOTHESES)
+    assert all(f"| {arm.name} |" in plan for arm in design.ARMS)
+    assert [model for model in design.MODELS if f"`{model}`" in plan] == list(design.MODELS)

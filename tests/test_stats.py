@@ -83,14 +83,31 @@ def test_sign_flip_agrees_with_scipys_paired_permutation_test():
     assert sign_flip_test(treatment - baseline).p_value == pytest.approx(reference.pvalue, rel=1e-12)
 
 
-def test_sign_flip_draws_seeded_patterns_beyond_the_exact_limit(monkeypatch):
+def _every_sign_pattern(differences) -> float:
+    """P(|sum of s_k d_k| >= |sum of d_k|) by enumerating the sums of all 2**n sign patterns."""
+    sums = np.zeros(1)
+    for value in differences:
+        sums = np.concatenate([sums + value, sums - value])
+    return float(np.mean(np.abs(sums) >= abs(np.sum(differences)) - 1e-9))
+
+
+def test_sign_flip_draws_seeded_patterns_beyond_the_exact_limit():
     differences = np.random.default_rng(5).normal(0.3, 1.0, 21)
-    monkeypatch.setattr(stats, "MAX_EXACT_SIGN_FLIPS", 21)
-    exact = sign_flip_test(differences).p_value  # 2**21 patterns
-    monkeypatch.setattr(stats, "MAX_EXACT_SIGN_FLIPS", 20)
+    exact = _every_sign_pattern(differences)  # 2**21 patterns
     drawn = sign_flip_test(differences)
     assert drawn.draws == stats.SIGN_FLIP_DRAWS
     assert drawn == sign_flip_test(differences)  # seeded: the same p-value every time
     assert abs(drawn.p_value - exact) < 4 * math.sqrt(exact * (1 - exact) / drawn.draws)
     # every difference positive: no random pattern is as extreme, so p = 1 / (1 + draws)
     assert sign_flip_test([1.0] * 25).p_value == 1 / (1 + stats.SIGN_FLIP_DRAWS)
+
+
+def test_sign_flip_counts_ties_of_accuracies_on_a_grid_exactly():
+    """Accuracies of 1,000 test samples are multiples of 0.1: many sign patterns tie with the observed
+    sum up to rounding, and each of them counts."""
+    generator = np.random.default_rng(7)
+    for size in (5, 12, 20):
+        baseline = np.round(generator.normal(90.0, 1.0, size), 1)
+        treatment = np.round(generator.normal(90.3, 1.0, size), 1)
+        differences = treatment - baseline
+        assert sign_flip_test(differences).p_value == _every_sign_pattern(differences)

@@ -24,11 +24,10 @@ def test_the_study_grid():
     comparisons = {comparison.name: comparison for comparison in study.comparisons()}
     assert list(comparisons)[:4] == ["mlp-n4000", "cnn-n4000", "mlp-n1000", "cnn-n1000"]
     assert len(comparisons) == 4 + 2 + 3 + 2 + 2 + 2
-    argv = comparisons["cnn-n1000"].argv(Path("runs/study"))
-    assert argv[argv.index("--procedures") + 1 : argv.index("--train-samples")] == [
-        "standard", "mltp", "mltp_conv", "mltp_fc", "mltp_fo",
-    ]  # fmt: skip
-    assert argv[argv.index("--seeds") + 1 : argv.index("--threads")] == [str(seed) for seed in range(20)]
+    low_data = comparisons["cnn-n1000"]
+    assert low_data.procedures == ("standard", "mltp", "mltp_conv", "mltp_fc", "mltp_fo")
+    assert low_data.seeds == tuple(range(20))
+    assert dict(low_data.settings) == {"train_samples": 1000, "epochs": 150, "milestones": (100,)}
     sweeps = [
         comparison
         for name, comparison in comparisons.items()
@@ -36,15 +35,32 @@ def test_the_study_grid():
     ]
     assert len(sweeps) == 9
     for comparison in sweeps:  # every MLP sweep shares the main MLP comparison's standard runs
-        argv = comparison.argv(Path("runs/study"))
-        assert argv[argv.index("--baseline-dir") + 1] == "runs/study/mlp-n4000"
-        assert "mnist1d_mlp" in argv and "--train-samples" not in argv
+        assert comparison.baseline == "mlp-n4000" and comparison.model == "mnist1d_mlp"
+        assert len(comparison.settings) == 1
+    assert dict(comparisons["mlp-alpha-lr-0.0001"].settings) == {"alpha_lr": 0.0001}
     assert "--alpha-policy fixed" in comparisons["mlp-alpha-policy-fixed"].command(Path("runs/study"))
     for samples in (4000, 1000):  # the CNN with its alphas kept >= 0, against the main CNN comparisons
-        argv = comparisons[f"cnn-n{samples}-alpha-policy-nonnegative"].argv(Path("runs/study"))
-        assert argv[argv.index("--baseline-dir") + 1] == f"runs/study/cnn-n{samples}"
-        assert argv[argv.index("--alpha-policy") + 1] == "nonnegative" and "mnist1d_cnn" in argv
-        assert ("--train-samples" in argv) == (samples == 1000)
+        comparison = comparisons[f"cnn-n{samples}-alpha-policy-nonnegative"]
+        assert comparison.baseline == f"cnn-n{samples}" and comparison.model == "mnist1d_cnn"
+        assert comparison.settings["alpha_policy"] == "nonnegative"
+        assert ("train_samples" in comparison.settings) == (samples == 1000)
+
+
+def test_a_comparison_trains_its_recipe_with_its_settings_and_the_given_options():
+    comparison = study.Comparison(
+        "c", "mnist1d_cnn", ("standard",), {"train_samples": 1000, "epochs": 150, "milestones": (100,),
+        "steps_scale": 1.5, "cosine_every": 0},
+    )  # fmt: skip
+    experiment = study.experiment_of(comparison, study.compare_options([]))
+    recipe = experiment.recipe
+    assert (recipe.train_samples, recipe.epochs, recipe.milestones) == (1000, 225, (150,))  # 150 x 1.5
+    assert study.run_options(comparison, study.compare_options([])).cosine_every == 0
+    given = study.compare_options(["--epochs", "2", "--limit-train-batches", "1", "--cosine-every", "3"])
+    experiment = study.experiment_of(comparison, given)
+    assert (experiment.recipe.epochs, experiment.recipe.milestones) == (3, (150,))  # 2 x 1.5
+    assert experiment.limit_train_batches == 1
+    options = study.run_options(comparison, given)
+    assert (options.cosine_every, options.command, options.log_epochs) == (3, "compare", False)
 
 
 def test_one_seed_one_epoch_smoke_of_the_whole_study(data_root, tmp_path, capsys, quick_figures):
@@ -107,7 +123,9 @@ def test_list_prints_the_commands_and_only_selects(capsys):
 @pytest.mark.skipif(study.fcntl is None, reason="claims need fcntl")
 def test_a_comparison_that_another_process_runs_is_skipped_until_that_process_ends(tmp_path, monkeypatch):
     ran = []
-    monkeypatch.setattr(study, "command_line", lambda argv: ran.append(argv[argv.index("--out") + 1]) or 0)
+    monkeypatch.setattr(
+        study, "run_comparison", lambda comparison, runs_root, args: ran.append(comparison.name)
+    )
     monkeypatch.setattr(study, "write_summary", lambda *args: None)
     first, second = (study.Comparison(name, "mnist1d_mlp", ("standard",)) for name in ("first", "second"))
     hold = (
@@ -120,11 +138,11 @@ def test_a_comparison_that_another_process_runs_is_skipped_until_that_process_en
     try:
         assert holder.stdout.readline().strip() == b"1"
         assert study.run_comparisons([first, second], tmp_path, tmp_path / "results", []) == []
-        assert ran == [str(tmp_path / "second")]
+        assert ran == ["second"]
     finally:
         holder.kill()
         holder.wait(timeout=30)
     assert (
         study.run_comparisons([first], tmp_path, tmp_path / "results", []) == []
     )  # released with its process
-    assert ran == [str(tmp_path / "second"), str(tmp_path / "first")]
+    assert ran == ["second", "first"]

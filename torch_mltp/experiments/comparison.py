@@ -12,18 +12,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from torch_mltp.data import DataSplits, load_dataset
 
 from . import distributed
+from .loaders import split_training
+from .loop import metric_name
 from .plots import plot_accuracy, plot_alphas, plot_gradient_cosine
 from .stats import MAX_EXACT_SIGN_FLIPS, SIGN_FLIP_DRAWS, mean_std, paired_difference
-from .training import (
-    Experiment,
-    RunOptions,
-    RunResult,
-    check_procedures,
-    metric_name,
-    split_training,
-    train_run,
-    versions,
-)
+from .tables import interval_text, markdown, mean_sd_text, p_text
+from .training import Experiment, RunOptions, RunResult, check_procedures, train_run, versions
 
 log = logging.getLogger(__name__)
 
@@ -129,29 +123,23 @@ def summarize(
     }
 
 
-def _mean_std_text(entry: dict) -> str:
-    if math.isnan(entry["std"]):
-        return f"{entry['mean']:.2f}"
-    return f"{entry['mean']:.2f} ± {entry['std']:.2f}"
-
-
-def _difference_text(difference: Optional[dict]) -> str:
-    if difference is None:
-        return "—"
-    if difference["low"] is None:
-        return f"{difference['mean']:+.2f} (1 seed: no interval)"
-    return f"{difference['mean']:+.2f} [{difference['low']:+.2f}, {difference['high']:+.2f}]"
-
-
-def _p_text(p_value: Optional[float]) -> str:
-    if p_value is None:
-        return "—"
-    return f"{p_value:.2g}" if p_value < 0.001 else f"{p_value:.3f}"
-
-
 def _informative_sign_flip(difference: dict) -> Optional[float]:
     """The sign-flip p-value, or ``None`` for one pair: its two sign patterns always give p = 1."""
     return difference["p_sign_flip"] if difference["n"] > 1 else None
+
+
+def _metric_cells(entry: dict) -> List[str]:
+    """Mean ± std, the paired difference to standard and its two p-values."""
+    difference = entry["diff_vs_standard"]
+    if difference is None:
+        return [mean_sd_text(entry["per_seed"]), "—", "—", "—"]
+    single = " (1 seed: no interval)" if difference["low"] is None else ""
+    return [
+        mean_sd_text(entry["per_seed"]),
+        interval_text(difference) + single,
+        p_text(difference["p_t"]),
+        p_text(_informative_sign_flip(difference)),
+    ]
 
 
 def _cosine_text(entry: Optional[dict]) -> str:
@@ -160,8 +148,7 @@ def _cosine_text(entry: Optional[dict]) -> str:
     difference = entry.get("diff_vs_standard")
     if difference is None or difference["low"] is None:
         return f"{entry['mean']:.3f}"
-    interval = f"[{difference['low']:+.3f}, {difference['high']:+.3f}]"
-    return f"{entry['mean']:.3f} ({difference['mean']:+.3f} {interval})"
+    return f"{entry['mean']:.3f} ({interval_text(difference, 3)})"
 
 
 def _negative_alphas_text(entry: Optional[dict]) -> str:
@@ -175,13 +162,55 @@ def _time_text(entry: Optional[dict], baseline: Optional[dict]) -> str:
     return f"{entry['mean']:.1f}{ratio}"
 
 
-def _sign_flip_note(seeds: int) -> str:
-    if seeds <= MAX_EXACT_SIGN_FLIPS:
-        return "exact over every sign pattern"
-    return f"over {SIGN_FLIP_DRAWS} random sign patterns"
-
-
 _METRIC_TITLES = {"test_acc": "top-1", "test_top5": "top-5"}
+
+
+def _header(metrics: Sequence[str], first_column: str, reported: bool) -> List[str]:
+    header = [first_column, "procedure"]
+    for title in (_METRIC_TITLES.get(metric, metric) for metric in metrics):
+        header += [
+            f"test {title} (%)",
+            f"Δ {title} vs standard [{CONFIDENCE:.0%} CI]",
+            "p (t)",
+            "p (sign-flip)",
+        ]
+        header += [f"paper {title}"] if reported else []
+    return [*header, "grad cosine (Δ [CI])", "runs with α < 0: during / at end", "train s/run (× standard)"]
+
+
+def _row(result: dict, procedure: str, reported) -> List[str]:
+    summary = result["summary"][procedure]
+    cells = [result.get("label", result["model"]), procedure]
+    paper = reported.get((result["model"], procedure), ()) if reported is not None else None
+    for index, metric in enumerate(result["metrics"]):
+        cells += _metric_cells(summary[metric])
+        if paper is not None:
+            cells.append(f"{paper[index]:.1f}" if index < len(paper) else "—")
+    return [
+        *cells,
+        _cosine_text(summary.get("grad_cosine")),
+        _negative_alphas_text(summary.get("negative_alphas")),
+        _time_text(summary.get("train_time_s"), result["summary"].get(BASELINE, {}).get("train_time_s")),
+    ]
+
+
+def _table_note(seeds: Sequence[int]) -> str:
+    flips = (
+        "exact over every sign pattern"
+        if len(seeds) <= MAX_EXACT_SIGN_FLIPS
+        else f"over {SIGN_FLIP_DRAWS} random sign patterns"
+    )
+    return (
+        f"Final-epoch test accuracy over {len(seeds)} seed(s) {tuple(seeds)}: mean ± sample std (n − 1). "
+        f"Δ: mean of the paired differences to standard (same seed) with a {CONFIDENCE:.0%} Student-t "
+        "interval (n − 1 degrees of freedom); two-sided p-values of a paired t-test and of a sign-flip "
+        f"permutation test ({flips}). Grad cosine: cosine similarity of the two half "
+        "batches' gradients at the same weights, averaged over the measured steps of each epoch, the "
+        "epochs and the seeds; in brackets the mean paired difference to standard with its interval. "
+        "α < 0: runs in which some layer's alpha was below 0 at the end of some epoch, and at the end of "
+        "training. Train s/run: seconds of training per run (without test evaluation and "
+        "the cosine measurements), mean over the seeds, and its ratio to standard training's."
+    )
 
 
 def markdown_table(
@@ -194,57 +223,9 @@ def markdown_table(
     ``reported``: the paper's accuracies per (model, procedure), shown in extra columns.
     ``first_column``: its header; a result's ``"label"`` (else its model) fills it.
     """
-    metrics = results[0]["metrics"]
-    header = [first_column, "procedure"]
-    for metric in metrics:
-        title = _METRIC_TITLES.get(metric, metric)
-        header += [
-            f"test {title} (%)",
-            f"Δ {title} vs standard [{CONFIDENCE:.0%} CI]",
-            "p (t)",
-            "p (sign-flip)",
-        ]
-        if reported is not None:
-            header.append(f"paper {title}")
-    header += ["grad cosine (Δ [CI])", "runs with α < 0: during / at end", "train s/run (× standard)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for result in results:
-        for procedure in result["procedures"]:
-            cells = [result.get("label", result["model"]), procedure]
-            summary = result["summary"][procedure]
-            for index, metric in enumerate(metrics):
-                entry = summary[metric]
-                difference = entry["diff_vs_standard"]
-                cells += [_mean_std_text(entry), _difference_text(difference)]
-                cells += (
-                    ["—", "—"]
-                    if difference is None
-                    else [_p_text(difference["p_t"]), _p_text(_informative_sign_flip(difference))]
-                )
-                if reported is not None:
-                    paper = reported.get((result["model"], procedure), ())
-                    cells.append(f"{paper[index]:.1f}" if index < len(paper) else "—")
-            baseline = result["summary"].get(BASELINE, {}).get("train_time_s")
-            cells += [
-                _cosine_text(summary.get("grad_cosine")),
-                _negative_alphas_text(summary.get("negative_alphas")),
-                _time_text(summary.get("train_time_s"), baseline),
-            ]
-            lines.append("| " + " | ".join(cells) + " |")
-    seeds = results[0]["seeds"]
-    lines += [
-        "",
-        f"Final-epoch test accuracy over {len(seeds)} seed(s) {tuple(seeds)}: mean ± sample std (n − 1). "
-        f"Δ: mean of the paired differences to standard (same seed) with a {CONFIDENCE:.0%} Student-t "
-        "interval (n − 1 degrees of freedom); two-sided p-values of a paired t-test and of a sign-flip "
-        f"permutation test ({_sign_flip_note(len(seeds))}). Grad cosine: cosine similarity of the two half "
-        "batches' gradients at the same weights, averaged over the measured steps of each epoch, the "
-        "epochs and the seeds; in brackets the mean paired difference to standard with its interval. "
-        "α < 0: runs in which some layer's alpha was below 0 at the end of some epoch, and at the end of "
-        "training. Train s/run: seconds of training per run (without test evaluation and "
-        "the cosine measurements), mean over the seeds, and its ratio to standard training's.",
-    ]
-    return "\n".join(lines) + "\n"
+    header = _header(results[0]["metrics"], first_column, reported is not None)
+    rows = [_row(result, procedure, reported) for result in results for procedure in result["procedures"]]
+    return f"{markdown(header, rows)}\n\n{_table_note(results[0]['seeds'])}\n"
 
 
 def write_outputs(root: Path, results: Sequence[dict], reported=None, figures: bool = True) -> List[Path]:

@@ -15,17 +15,9 @@ from torch_mltp.data import dataset_folder, dataset_present, load_dataset
 from torch_mltp.models import default_num_classes
 
 from .comparison import BASELINE, compare, duration_text, write_outputs
+from .cost import seconds_per_step
 from .recipes import TABLES, TRAIN_SET_SIZES, recipe_for
-from .training import (
-    Experiment,
-    RunOptions,
-    TrainTally,
-    build_model_for,
-    build_optimizer,
-    describe_device,
-    resolve_device,
-    training_step,
-)
+from .training import Experiment, RunOptions, describe_device, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -94,29 +86,17 @@ WARM_UP_SAMPLES = 4
 
 
 def measure_step_seconds(experiment: Experiment, device: torch.device, steps: int) -> float:
-    """Seconds per step of standard training on a random batch of the recipe's size, timed over ``steps``
-    steps after one warm-up step on :data:`WARM_UP_SAMPLES` samples."""
+    """Seconds per step of standard training on a random batch of the recipe's size
+    (``cost.seconds_per_step``), timed over ``steps`` steps after one warm-up step on
+    :data:`WARM_UP_SAMPLES` samples."""
     shape = _ShapeOnly(default_num_classes(experiment.model), INPUT_SHAPES[experiment.dataset])
-    model = build_model_for(experiment, shape).to(device)
-    optimizer = build_optimizer(model, experiment.recipe, "standard")
     generator = torch.Generator().manual_seed(0)
     batch = experiment.recipe.batch_size
-    x = torch.randn((batch, *shape.input_shape), generator=generator).to(device)
-    y = torch.randint(shape.num_classes, (batch,), generator=generator).to(device)
-    loss_fn = TrainTally(device).loss_fn(model)
-    model.train()
-    training_step(optimizer, loss_fn, x[:WARM_UP_SAMPLES], y[:WARM_UP_SAMPLES])
-    _synchronize(device)
-    started = time.perf_counter()
-    for _ in range(steps):
-        training_step(optimizer, loss_fn, x, y)
-    _synchronize(device)
-    return (time.perf_counter() - started) / steps
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    x = torch.randn((batch, *shape.input_shape), generator=generator)
+    y = torch.randint(shape.num_classes, (batch,), generator=generator)
+    warm_up = (x[:WARM_UP_SAMPLES], y[:WARM_UP_SAMPLES])
+    seconds_per_step(experiment, BASELINE, shape, warm_up, 1, device, warm_up=0)
+    return seconds_per_step(experiment, BASELINE, shape, (x, y), steps, device, warm_up=0)
 
 
 def data_line(dataset: str, root: str) -> str:

@@ -6,7 +6,8 @@ without the per-epoch histories, table.md and, for the four main comparisons, th
 ``docs/results/<name>/``. Each sensitivity sweep also gets one table over its values in
 ``docs/results/sweep-<model>-<knob>/table.md``.
 Options it does not know (``--seeds 0 --epochs 1 --limit-train-batches 2``, ``--data-root``) are
-appended to every command, so that the same driver runs as a quick smoke test. ``--list`` prints the
+options of ``torch-mltp compare`` that apply to every comparison, so that the same driver runs as a quick
+smoke test. ``--list`` prints the
 commands without running them. A comparison that fails is reported and the next one runs.
 
 The sensitivity sweeps vary one MLTP setting at a time: every setting on the MLP, and on the CNN (4,000 and
@@ -19,76 +20,150 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
+import os
 import shlex
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import torch
 
 try:
     import fcntl
 except ImportError:  # Windows
     fcntl = None
 
-from .cli import main as command_line
-from .cli import messages_to_stdout
-from .comparison import markdown_table
+from torch_mltp.data import DatasetError
+
+from .cli import DATA_ROOT_ENV, DEFAULT_DATA_ROOT, build_parser, messages_to_stdout
+from .cli import _run_options as cli_run_options
+from .comparison import compare, markdown_table, write_outputs
+from .recipes import Recipe, recipe_for
+from .runs import ExperimentError
+from .training import Experiment, RunOptions
 
 log = logging.getLogger(__name__)
 
+DATASET = "mnist1d"
 SEEDS = tuple(range(20))
-LOW_DATA = ("--train-samples", "1000", "--epochs", "150", "--milestones", "100")
+LOW_DATA = {"train_samples": 1000, "epochs": 150, "milestones": (100,)}
 """1,000 training samples are 8 steps per epoch: 150 epochs (lr / 10 after 100) bring standard training to
 its plateau, as the preset's 100 epochs of 32 steps do on the 4,000."""
 SUMMARY_FILES = ("table.md", "accuracy.png", "alphas.png", "grad_cosine.png")
 """What a comparison's summary holds besides results.json (the figures last)."""
 SWEEP_PROCEDURES = ("standard", "mltp", "mltp_fo")
+RECIPE_FIELDS = frozenset(f.name for f in dataclasses.fields(Recipe))
+RUN_SETTINGS = ("steps_scale", "cosine_every")
+"""Settings of a comparison besides the recipe's fields: ``--steps-scale`` and ``--cosine-every``."""
+
+
+def value_text(name: str, value: Any) -> str:
+    """A setting's value as ``torch-mltp compare`` takes it (a steps scale with two decimals)."""
+    if name == "steps_scale":
+        return f"{value:.2f}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def option_words(settings: Mapping[str, Any]) -> List[str]:
+    """``settings`` as options of ``torch-mltp compare``, in their order: ``{"milestones": (100,)}`` is
+    ``--milestones 100``, an empty tuple the option alone."""
+    words = []
+    for name, value in settings.items():
+        words.append("--" + name.replace("_", "-"))
+        words += [value_text(name, item) for item in (value if isinstance(value, tuple) else (value,))]
+    return words
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """One ``torch-mltp compare`` command of the study; its runs go to ``<runs root>/<name>``."""
+    """One comparison of a study: procedures x seeds of one MNIST-1D model on the model's recipe with
+    ``settings``; its runs go to ``<runs root>/<name>``."""
 
     name: str
     model: str
     procedures: Tuple[str, ...]
-    settings: Tuple[str, ...] = ()
-    """Options after ``--procedures`` (the data regime, an MLTP setting)."""
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    """Recipe overrides (fields of ``Recipe``) and :data:`RUN_SETTINGS`, by the names of the options of
+    ``torch-mltp compare``, in the order of its command line."""
     baseline: Optional[str] = None
     """The comparison whose standard runs this one shares (``--baseline-dir``)."""
     figures: bool = True
     """Copy the figures to the results folder too (else they stay in the runs folder)."""
     seeds: Tuple[int, ...] = SEEDS
 
-    def argv(self, runs_root: Path) -> List[str]:
-        argv = [
-            "compare",
-            "--dataset",
-            "mnist1d",
-            "--model",
-            self.model,
-            "--procedures",
-            *self.procedures,
-            *self.settings,
-            "--seeds",
-            *map(str, self.seeds),
-            "--threads",
-            "1",
-        ]
-        argv += ["--out", str(runs_root / self.name)]
-        if self.baseline is not None:
-            argv += ["--baseline-dir", str(runs_root / self.baseline)]
-        return argv
-
     def command(self, runs_root: Path) -> str:
-        return shlex.join(["torch-mltp", *self.argv(runs_root)])
+        """The equivalent ``torch-mltp compare`` command."""
+        words = ["torch-mltp", "compare", "--dataset", DATASET, "--model", self.model]
+        words += ["--procedures", *self.procedures, *option_words(self.settings)]
+        words += ["--seeds", *map(str, self.seeds), "--threads", "1", "--out", str(runs_root / self.name)]
+        if self.baseline is not None:
+            words += ["--baseline-dir", str(runs_root / self.baseline)]
+        return shlex.join(words)
+
+
+def compare_options(extra: Sequence[str]) -> argparse.Namespace:
+    """``extra`` read as options of ``torch-mltp compare``; ``given``: the names of those that differ from
+    their defaults (they override a comparison's own settings)."""
+    parser = build_parser()
+    defaults = vars(parser.parse_args(["compare"]))
+    args = parser.parse_args(["compare", *extra])
+    args.given = {name for name, value in vars(args).items() if value != defaults[name]}
+    return args
+
+
+def experiment_of(comparison: Comparison, args: argparse.Namespace) -> Experiment:
+    """The comparison's recipe with its settings and then the given options applied (as the command line
+    applies them: ``--steps-scale`` last)."""
+    settings = {**comparison.settings, **{name: getattr(args, name) for name in args.given}}
+    overrides = {
+        name: tuple(value) if isinstance(value, list) else value
+        for name, value in settings.items()
+        if name in RECIPE_FIELDS
+    }
+    recipe = recipe_for(DATASET, comparison.model).replace(**overrides)
+    if settings.get("steps_scale") is not None:
+        recipe = recipe.scaled(settings["steps_scale"])
+    return Experiment(DATASET, comparison.model, recipe, args.limit_train_batches, args.limit_test_batches)
+
+
+def run_options(comparison: Comparison, args: argparse.Namespace) -> RunOptions:
+    """How ``torch-mltp compare`` with the given options runs the comparison."""
+    cosine_every = comparison.settings.get("cosine_every", args.cosine_every)
+    return dataclasses.replace(
+        cli_run_options(args, log_epochs=False),
+        data_root=args.data_root or os.environ.get(DATA_ROOT_ENV) or DEFAULT_DATA_ROOT,
+        cosine_every=args.cosine_every if "cosine_every" in args.given else cosine_every,
+    )
+
+
+def run_comparison(comparison: Comparison, runs_root: Path, args: argparse.Namespace) -> None:
+    """Train the comparison (on one thread unless ``--threads`` says otherwise) and write its outputs to
+    its runs folder, as ``torch-mltp compare`` does."""
+    seeds = args.seeds if "seeds" in args.given else comparison.seeds
+    baseline = None if comparison.baseline is None else runs_root / comparison.baseline
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or 1)
+    try:
+        result = compare(
+            experiment_of(comparison, args),
+            comparison.procedures,
+            seeds,
+            runs_root / comparison.name,
+            run_options(comparison, args),
+            baseline_root=baseline,
+        )
+    finally:
+        torch.set_num_threads(previous_threads)
+    write_outputs(runs_root / comparison.name, [result])
 
 
 def _main_comparison(
-    model: str, procedures: Tuple[str, ...], regime: Tuple[str, ...], samples: int
+    model: str, procedures: Tuple[str, ...], regime: Dict[str, Any], samples: int
 ) -> Comparison:
     short = model.replace("mnist1d_", "")
     return Comparison(f"{short}-n{samples}", model, procedures, regime)
@@ -99,8 +174,8 @@ MLP_PROCEDURES = ("standard", "mltp", "mltp_fo")
 ``mltp_conv`` has no layer to act on."""
 CNN_PROCEDURES = ("standard", "mltp", "mltp_conv", "mltp_fc", "mltp_fo")
 MAIN = (
-    _main_comparison("mnist1d_mlp", MLP_PROCEDURES, (), 4000),
-    _main_comparison("mnist1d_cnn", CNN_PROCEDURES, (), 4000),
+    _main_comparison("mnist1d_mlp", MLP_PROCEDURES, {}, 4000),
+    _main_comparison("mnist1d_cnn", CNN_PROCEDURES, {}, 4000),
     _main_comparison("mnist1d_mlp", MLP_PROCEDURES, LOW_DATA, 1000),
     _main_comparison("mnist1d_cnn", CNN_PROCEDURES, LOW_DATA, 1000),
 )
@@ -108,13 +183,13 @@ MAIN = (
 
 @dataclass(frozen=True)
 class Sweep:
-    """One MLTP setting varied over ``values`` with the model and data of the main comparison ``main``,
-    whose standard runs it shares; ``preset`` is that comparison's value of the setting."""
+    """One MLTP setting (a field of ``Recipe``) varied over ``values`` with the model and data of the main
+    comparison ``main``, whose standard runs it shares; ``preset`` is that comparison's value of it."""
 
     knob: str
-    option: str
-    preset: str
-    values: Tuple[str, ...]
+    setting: str
+    preset: Any
+    values: Tuple[Any, ...]
     main: Comparison = MAIN[0]
     procedures: Tuple[str, ...] = SWEEP_PROCEDURES
     prefix: str = "mlp"
@@ -124,31 +199,31 @@ class Sweep:
     def name(self) -> str:
         return f"sweep-{self.prefix}-{self.knob}"
 
-    def comparison(self, value: str) -> Comparison:
+    def comparison(self, value: Any) -> Comparison:
         return Comparison(
-            f"{self.prefix}-{self.knob}-{value}",
+            f"{self.prefix}-{self.knob}-{value_text(self.setting, value)}",
             self.main.model,
             self.procedures,
-            (*self.main.settings, self.option, value),
+            {**self.main.settings, self.setting: value},
             baseline=self.main.name,
             figures=False,
         )
 
-    def label(self, value: str) -> str:
-        return f"{self.option} {value}" + (" (preset)" if value == self.preset else "")
+    def label(self, value: Any) -> str:
+        return " ".join(option_words({self.setting: value})) + (" (preset)" if value == self.preset else "")
 
 
 CNN_SWEEP_PROCEDURES = ("standard", "mltp", "mltp_conv", "mltp_fo")
 """The procedures whose alphas turn negative on the CNN (``mltp_fc``'s do not)."""
 SWEEPS = (
-    Sweep("eta", "--eta", "1", ("0.5", "2")),
-    Sweep("alpha-mean", "--alpha-mean", "0.001", ("0.01", "0.05", "0.2")),
-    Sweep("alpha-policy", "--alpha-policy", "learned", ("nonnegative", "fixed")),
-    Sweep("alpha-lr", "--alpha-lr", "tied", ("0.001", "0.0001")),
+    Sweep("eta", "eta", 1.0, (0.5, 2.0)),
+    Sweep("alpha-mean", "alpha_mean", 0.001, (0.01, 0.05, 0.2)),
+    Sweep("alpha-policy", "alpha_policy", "learned", ("nonnegative", "fixed")),
+    Sweep("alpha-lr", "alpha_lr", "tied", (0.001, 0.0001)),
     *(
         Sweep(
             "alpha-policy",
-            "--alpha-policy",
+            "alpha_policy",
             "learned",
             ("nonnegative",),
             main=main,
@@ -251,22 +326,24 @@ def named(selected: Sequence[Comparison], names: Optional[Sequence[str]]) -> Lis
 def run_comparisons(
     selected: Sequence[Comparison], runs_root: Path, results_root: Path, extra: Sequence[str]
 ) -> List[str]:
-    """Run ``selected`` one after another (``extra`` appended to each command), each followed by its
-    summary in ``results_root``; returns the names of the comparisons that failed.
+    """Run ``selected`` one after another (``extra``: options of ``torch-mltp compare`` for each), each
+    followed by its summary in ``results_root``; returns the names of the comparisons that failed.
 
     Each comparison is claimed first (``<runs root>/<name>.lock``): one that another process is running
     is skipped, so that processes started with the same command share the work."""
+    args = compare_options(extra)
     failed = []
     for index, comparison in enumerate(selected, start=1):
-        argv = [*comparison.argv(runs_root), *extra]
         with claimed(runs_root / f"{comparison.name}.lock") as mine:
             if not mine:
                 log.info("== [%d/%d] %s: another process runs it", index, len(selected), comparison.name)
                 continue
-            log.info(
-                "== [%d/%d] %s: %s", index, len(selected), comparison.name, shlex.join(["torch-mltp", *argv])
-            )
-            if command_line(argv) != 0:
+            command = " ".join([comparison.command(runs_root), shlex.join(extra)]).strip()
+            log.info("== [%d/%d] %s: %s", index, len(selected), comparison.name, command)
+            try:
+                run_comparison(comparison, runs_root, args)
+            except (DatasetError, ExperimentError) as error:
+                log.error("%s: %s", comparison.name, error)
                 failed.append(comparison.name)
                 continue
             write_summary(runs_root / comparison.name, results_root / comparison.name, comparison.figures)
@@ -277,7 +354,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m torch_mltp.experiments.study",
         description="Run the MNIST-1D study's comparisons one after another (see docs/results.md). "
-        "Other options are appended to every torch-mltp compare command.",
+        "Other options are options of torch-mltp compare for every comparison.",
     )
     parser.add_argument("--list", action="store_true", help="print the commands and exit")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these comparisons")

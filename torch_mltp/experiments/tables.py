@@ -9,8 +9,12 @@ from .stats import mean_std
 
 
 def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A markdown table: the header, its rule, then one line per row (no trailing newline)."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    """A markdown table: the header, its rule, then one line per row (no trailing newline). An empty
+    header cell (over a column of row names) is written as one space."""
+    lines = [
+        "|" + "|".join(f" {cell} " if cell else " " for cell in header) + "|",
+        "|" + "---|" * len(header),
+    ]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
