@@ -1,4 +1,5 @@
-"""Commands in other processes for the tests: free ports, and torchrun on the CPU with a timeout."""
+"""Commands in other processes for the tests: free ports, and torchrun and ``accelerate launch`` on the CPU
+with a timeout."""
 
 from __future__ import annotations
 
@@ -36,6 +37,29 @@ def torchrun(
         "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args,
     ]  # fmt: skip
     cpu = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**repo_env(), **cpu, **(env or {})}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+
+
+def accelerate_launch(
+    *args: str, cwd: Path, timeout: float, nproc: int = 2, env: Optional[dict] = None
+) -> subprocess.CompletedProcess:
+    """``accelerate launch`` of ``nproc`` processes with ARGS in ``cwd`` on the CPU (gloo, one thread per
+    process, no GPU visible), with ``env`` added to the environment; returns the finished process with its
+    stdout and stderr.  ``--cpu`` would start one process (accelerate's simple launcher): the multi-GPU
+    launcher with ``ACCELERATE_USE_CPU=true`` starts ``nproc`` processes of one gloo group
+    (``DistributedType.MULTI_CPU``), as ``accelerate launch --multi_gpu`` does on GPUs."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={nproc}",
+        "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "--main_process_ip=127.0.0.1",
+        f"--main_process_port={free_port()}", *args,
+    ]  # fmt: skip
+    cpu = {
+        "OMP_NUM_THREADS": "1",
+        "GLOO_SOCKET_IFNAME": "lo",
+        "CUDA_VISIBLE_DEVICES": "",
+        "ACCELERATE_USE_CPU": "true",
+    }
     env = {**repo_env(), **cpu, **(env or {})}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
 

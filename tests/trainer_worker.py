@@ -1,8 +1,9 @@
-"""``MLTPTrainer`` under ``torchrun`` (DistributedDataParallel on gloo, float64): trains a tiny BERT with
+"""``MLTPTrainer`` on several processes (DistributedDataParallel on gloo, float64): trains a tiny BERT with
 gradient accumulation and clipping, then an uninterrupted run with a checkpoint at every step and a run
 resumed from its first; saves what this process saw and where each run ended as OUT/rank{r}.pt.
 
     torchrun --nproc_per_node=2 tests/trainer_worker.py OUT
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 tests/trainer_worker.py OUT
 """
 
 from __future__ import annotations
@@ -86,6 +87,24 @@ def counted_items(folder: Path, across_devices: bool) -> dict:
     }
 
 
+def fsdp_refusals(folder: Path) -> tuple[bool, dict]:
+    """Whether the plain ``Trainer`` given ``fsdp=`` trains unsharded here (on CPUs accelerate shards only on
+    GPUs), and what ``MLTPTrainer`` says to ``fsdp=`` and to ``accelerate launch --use_fsdp``'s variable."""
+    args = arguments(folder, save_strategy="no", fsdp=True, fsdp_config={"version": 2})
+    ignored = not transformers.Trainer(model=tiny_bert(), args=args, train_dataset=examples()).is_fsdp_enabled
+    refusals = {}
+    for asked, variable, settings in (("fsdp=", "false", args), ("ACCELERATE_USE_FSDP", "true", None)):
+        os.environ["ACCELERATE_USE_FSDP"] = variable
+        try:
+            settings = settings or arguments(folder, save_strategy="no")
+            MLTPTrainer(model=tiny_bert(), args=settings, train_dataset=examples(), mltp=dict(MLTP))
+        except ValueError as err:
+            refusals[asked] = str(err)
+        finally:
+            del os.environ["ACCELERATE_USE_FSDP"]
+    return ignored, refusals
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     args = arguments(out / "trainer", save_strategy="no")
@@ -97,12 +116,15 @@ def main() -> None:
         "resumed": resumed,
         "uninterrupted": uninterrupted,
         "world_size": trainer.args.world_size,
+        "distributed_type": trainer.accelerator.distributed_type.value,
+        "accelerate_launch": "ACCELERATE_MIXED_PRECISION" in os.environ,  # set by accelerate launch only
         "tasks": opt.tasks,
         "seen": trainer.seen,
         "weights": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
         "alphas": {n: a.detach().clone() for n, a in opt.alphas.items()},
         "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
     }
+    saved["fsdp_ignored_by_the_trainer"], saved["fsdp_refusals"] = fsdp_refusals(out / "fsdp")
     for across in (True, False):  # a causal LM, whose micro-batches hold different numbers of tokens
         saved[f"counted/{across}"] = counted_items(out / f"counted-{across}", across)
     torch.save(saved, out / f"rank{dist.get_rank()}.pt")

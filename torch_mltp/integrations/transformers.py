@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional, cast
 
 import torch
@@ -43,16 +44,27 @@ class MLTPTrainer(Trainer):
     the unions of every process's halves (``tasks="global"``): every process computes the step that one
     process computes on the union, and ``n_m`` and ``N`` are counted over all processes.  Every
     micro-batch's step averages its own gradients, also under the ``Trainer``'s ``no_sync`` between the
-    micro-batches of one optimizer step.
+    micro-batches of one optimizer step.  FSDP (``fsdp=``), DeepSpeed and several GPUs in one process are
+    refused at construction, with the ways that work.
     """
 
     def __init__(self, *args: Any, mltp: Optional[dict[str, Any]] = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self.args.n_gpu > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+        asked = self.args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
+        if self.is_fsdp_enabled or asked:  # on CPUs accelerate ignores both and the Trainer runs DDP
+            raise ValueError(
+                "MLTPTrainer does not support FSDP (TrainingArguments(fsdp=...), accelerate launch "
+                "--use_fsdp): drop fsdp to train under DistributedDataParallel (torchrun or accelerate "
+                "launch), where every process computes the step of the union of the processes' tasks; to "
+                "shard a model too large for one device, train first-order MLTP (mode='fo') on a model "
+                "sharded with FSDP2's fully_shard in your own loop (docs/distributed.md) or under "
+                "Lightning's ModelParallelStrategy (docs/training-loops.md)"
+            )
+        if self.args.n_gpu > 1 or self.is_deepspeed_enabled:
             raise ValueError(
                 "MLTPTrainer trains one process per device, under DistributedDataParallel when there are "
-                "several (torchrun or accelerate launch); several GPUs in one process (DataParallel), "
-                "DeepSpeed and FSDP are not supported"
+                "several (torchrun or accelerate launch); several GPUs in one process (DataParallel) and "
+                "DeepSpeed are not supported"
             )
         self.mltp = dict(mltp or {})
         self.add_callback(_ClearAlphaGradients())
