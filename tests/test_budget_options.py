@@ -11,9 +11,9 @@ from torch.utils.data import TensorDataset
 
 from torch_mltp.data import load_dataset
 from torch_mltp.experiments.cli import main
+from torch_mltp.experiments.loaders import training_subset, validation_split
 from torch_mltp.experiments.recipes import recipe_for
-from torch_mltp.experiments.runs import CHECKPOINT_FILE
-from torch_mltp.experiments.training import ExperimentError, training_subset, validation_split
+from torch_mltp.experiments.runs import CHECKPOINT_FILE, ExperimentError
 from torch_mltp.models import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

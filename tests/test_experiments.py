@@ -18,6 +18,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from torch_mltp import MLTPOptimizer
 from torch_mltp.data import DataSplits, default_model_names, load_dataset
+from torch_mltp.experiments.checkpoints import restore_rng_states, rng_states
 from torch_mltp.experiments.comparison import (
     RunClock,
     duration_text,
@@ -25,6 +26,9 @@ from torch_mltp.experiments.comparison import (
     summarize,
     write_outputs,
 )
+from torch_mltp.experiments.loaders import data_order_generator, make_loader, training_subset
+from torch_mltp.experiments.loop import evaluate
+from torch_mltp.experiments.optimizers import alpha_learning_rate, build_optimizer
 from torch_mltp.experiments.recipes import (
     DEFAULT_MODELS,
     MLTP_MODES,
@@ -34,21 +38,7 @@ from torch_mltp.experiments.recipes import (
     recipe_for,
 )
 from torch_mltp.experiments.reproduce import TableRow, plan_lines, reproduce, table_rows
-from torch_mltp.experiments.training import (
-    Experiment,
-    ExperimentError,
-    RunOptions,
-    RunResult,
-    alpha_learning_rate,
-    build_optimizer,
-    data_order_generator,
-    evaluate,
-    make_loader,
-    restore_rng_states,
-    rng_states,
-    train_run,
-    training_subset,
-)
+from torch_mltp.experiments.training import Experiment, ExperimentError, RunOptions, RunResult, train_run
 from torch_mltp.models import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

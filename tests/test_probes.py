@@ -11,15 +11,11 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from torch_mltp import MLTPOptimizer
+from torch_mltp.experiments.loaders import make_loader
+from torch_mltp.experiments.loop import train_one_epoch
 from torch_mltp.experiments.probes import gradient_cosine
 from torch_mltp.experiments.recipes import recipe_for
-from torch_mltp.experiments.training import (
-    Experiment,
-    RunOptions,
-    make_loader,
-    train_one_epoch,
-    train_run,
-)
+from torch_mltp.experiments.training import Experiment, RunOptions, train_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,16 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from torch_mltp.experiments.cli import main
+from torch_mltp.experiments.loop import TrainTally
+from torch_mltp.experiments.optimizers import build_optimizer, training_step
 from torch_mltp.experiments.recipes import recipe_for, unused_fields
-from torch_mltp.experiments.training import (
-    Experiment,
-    ExperimentError,
-    RunOptions,
-    TrainTally,
-    build_optimizer,
-    train_run,
-    training_step,
-)
+from torch_mltp.experiments.training import Experiment, ExperimentError, RunOptions, train_run
 
 SAM = pytest.importorskip("pytorch_optimizer").SAM
 

@@ -110,15 +110,17 @@ def test_fsdp_trains_as_ddp_with_global_tasks_does_and_resumes_exactly(data_root
 
 
 def test_fsdp_refuses_what_it_cannot_train_with_the_options_that_work():
-    from torch_mltp.experiments import sharding
     from torch_mltp.experiments.distributed import Processes
+    from torch_mltp.experiments.recipes import recipe_for
     from torch_mltp.experiments.runs import ExperimentError
+    from torch_mltp.experiments.training import RunOptions, check_options
 
-    two = Processes(rank=0, world_size=2)
+    recipe, two = recipe_for("mnist1d", "mnist1d_cnn"), Processes(rank=0, world_size=2)
+    fsdp, local = RunOptions(fsdp=True, tasks="global"), RunOptions(fsdp=True, tasks="local")
     with pytest.raises(ExperimentError, match="--procedure mltp_fo"):
-        sharding.check("mltp", two, "global")
+        check_options(recipe, "mltp", fsdp, two)
     with pytest.raises(ExperimentError, match="--tasks global"):
-        sharding.check("mltp_fo", two, "local")
+        check_options(recipe, "mltp_fo", local, two)
     with pytest.raises(ExperimentError, match="torchrun --nproc_per_node"):
-        sharding.check("mltp_fo", Processes(), "global")
-    sharding.check("standard", two, "global")
+        check_options(recipe, "mltp_fo", fsdp, Processes())
+    check_options(recipe, "standard", fsdp, two)

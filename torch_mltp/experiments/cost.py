@@ -14,7 +14,9 @@ import torch
 
 from torch_mltp.data import DataSplits
 
-from .training import Experiment, TrainTally, build_model_for, build_optimizer, training_step
+from .loop import TrainTally
+from .optimizers import build_optimizer, training_step
+from .training import Experiment, build_model_for
 
 
 def batch_of(dataset, size: int) -> Tuple[torch.Tensor, torch.Tensor]:
