@@ -159,7 +159,7 @@ def test_unknown_names_list_the_choices(argv, listed, capsys):
         main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "invalid choice" in err and listed in err
+    assert ("invalid choice" in err or "expected one of" in err) and listed in err
 
 
 def test_missing_cifar_is_one_line_without_traceback(tmp_path):
@@ -205,7 +205,10 @@ def test_a_failed_download_says_what_failed_and_how_to_place_the_files(tmp_path,
 
 def test_procedure_that_cannot_train_the_model_is_refused(data_root, tmp_path, capsys):
     argv = ["compare", "--model", "mnist1d_mlp", "--out", str(tmp_path), *tiny(data_root)]
-    assert main(argv) == 2
+    assert main([*argv, "--procedures", "standard", "mltp_conv"]) == 2
+    err = capsys.readouterr().err
+    assert "mltp_conv" in err and len(err.strip().splitlines()) == 1
+    assert main([*argv, "--arms", "standard", "mltp_conv"]) == 2  # the decision too
     err = capsys.readouterr().err
     assert "mltp_conv" in err and len(err.strip().splitlines()) == 1
     assert not any(tmp_path.iterdir())  # refused before any training
@@ -520,7 +523,7 @@ def test_compare_says_how_long_it_takes_as_the_readme_does(capsys):
         main(["compare", "--help"])
     assert MAIN_JOB_DURATION in " ".join(capsys.readouterr().out.split())
     readme = (REPO / "README.md").read_text()
-    assert f"3 seeds ({MAIN_JOB_DURATION})" in readme and "< 10 min" not in readme
+    assert f"CNN? ({MAIN_JOB_DURATION})" in readme and "< 10 min" not in readme
 
 
 def test_the_spread_that_docs_reproduce_quotes_is_the_committed_results():

@@ -31,4 +31,4 @@ def test_each_example_is_its_documented_block(example, block):
 def test_every_example_is_in_a_document():
     documented = sorted(param.values[0] for param in marked_blocks())
     assert documented == sorted(f"examples/{path.name}" for path in (REPO / "examples").glob("*.py"))
-    assert len(documented) == 7
+    assert len(documented) == 8

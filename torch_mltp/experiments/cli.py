@@ -20,15 +20,15 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator, NoReturn, Optional, Sequence
+from typing import Any, Callable, Iterator, List, NoReturn, Optional, Sequence
 
 import torch
 
 from torch_mltp import __version__
-from torch_mltp.data import DATASET_NAMES, DatasetError
+from torch_mltp.data import DATASET_NAMES, DatasetError, DataSplits, load_dataset
 from torch_mltp.models import MODEL_NAMES
 
-from . import distributed
+from . import decision, distributed
 from .comparison import compare, run_dir_name, write_outputs
 from .recipes import (
     ALL_PROCEDURES,
@@ -43,6 +43,7 @@ from .recipes import (
 )
 from .reproduce import reproduce, table_rows
 from .runs import written_by
+from .sources import folder_name, is_import_string, load_function, user_data
 from .training import (
     DEFAULT_COSINE_EVERY,
     TASK_SCOPES,
@@ -54,6 +55,7 @@ from .training import (
 )
 
 DEFAULT_DATASET = "mnist1d"
+DEFAULT_ARMS = decision.DEFAULT_ARMS
 DATA_ROOT_ENV = "TORCH_MLTP_DATA"
 DEFAULT_DATA_ROOT = "data"
 """The data folder when neither ``--data-root`` nor ``$TORCH_MLTP_DATA`` names one: created when missing
@@ -238,14 +240,43 @@ def _add_run_options(parser: argparse.ArgumentParser, out: str, processes: bool 
     )
 
 
+def _name_or_function(names: Sequence[str]) -> Callable[[str], str]:
+    """An argparse ``type``: one of ``names``, or an import string (``module:function``)."""
+
+    def parse(text: str) -> str:
+        if text in names or is_import_string(text):
+            return text
+        named = f"one of {', '.join(names)}, or " if names else ""
+        raise argparse.ArgumentTypeError(
+            f"expected {named}module:function or path/to/file.py:function, got {text!r}"
+        )
+
+    return parse
+
+
 def _add_experiment_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--dataset", choices=DATASET_NAMES, default=DEFAULT_DATASET, help=f"default: {DEFAULT_DATASET}"
+        "--dataset",
+        type=_name_or_function(DATASET_NAMES),
+        default=DEFAULT_DATASET,
+        help=f"one of {', '.join(DATASET_NAMES)} (default: {DEFAULT_DATASET}), or your function that returns "
+        "(train, test) datasets of (input, target) pairs: mypkg.data:make_data or path/to/file.py:make_data",
     )
     parser.add_argument(
         "--model",
-        choices=MODEL_NAMES,
-        help="default per data set: " + ", ".join(f"{d}: {m}" for d, m in DEFAULT_MODELS.items()),
+        type=_name_or_function(MODEL_NAMES),
+        help="one of "
+        + ", ".join(MODEL_NAMES)
+        + " (default per data set: "
+        + ", ".join(f"{d}: {m}" for d, m in DEFAULT_MODELS.items())
+        + "), or your function of no argument that returns an nn.Module (called after the seed is set): "
+        "mypkg.models:make_model or path/to/file.py:make_model",
+    )
+    parser.add_argument(
+        "--loss",
+        type=_name_or_function(()),
+        help="your loss(output, target) returning the batch's mean, in place of cross-entropy: "
+        "mypkg.losses:my_loss or path/to/file.py:my_loss",
     )
 
 
@@ -269,14 +300,21 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="torch-mltp",
-        description="Meta-learning based training procedure (MLTP, Deng & Zhang): the paper's experiments.",
+        description="Meta-learning based training procedure (MLTP, Deng & Zhang): does it help on your "
+        "model, and the paper's experiments.",
         epilog="Each command writes under runs/<command>/ (runs/train, runs/compare, runs/reproduce) unless "
         "--out is given, in a folder named after its data set, model and settings: see "
         "'torch-mltp <command> --help'.",
     )
     parser.add_argument("--version", action="version", version=f"torch-mltp {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{train,compare,reproduce}")
+    _add_train_command(commands)
+    _add_compare_command(commands)
+    _add_reproduce_command(commands)
+    return parser
 
+
+def _add_train_command(commands) -> None:
     train = commands.add_parser(
         "train",
         help="one run: data set, model, procedure, seed",
@@ -307,33 +345,95 @@ def build_parser() -> argparse.ArgumentParser:
         "cosine; see docs/distributed.md",
     )
 
+
+def _add_compare_command(commands) -> None:
     compare = commands.add_parser(
         "compare",
-        help="procedures x seeds on one data set and model: table, results.json, figures",
-        description="Without arguments: MNIST-1D, all five procedures, seeds 0 1 2, "
-        f"{MAIN_JOB_DURATION}. Writes to {COMPARE_OUT} (one folder per run in it) unless --out is given; "
-        "running the same command again reuses the finished runs and resumes the others.",
+        help="does MLTP help on this model? the arms on paired seeds, a verdict, a table, a figure, JSON",
+        description=f"Without arguments: MNIST-1D's CNN, {MAIN_JOB_DURATION}. Runs the arms (--arms) on "
+        "paired seeds with a budget chosen on a validation split, and ends with the paired differences, "
+        "their Holm-adjusted p-values and a verdict (docs/results.md, 'Reading the verdict'). With "
+        "--procedures: those procedures on the seeds with the recipe's budget and the study's table "
+        f"instead. Writes to {COMPARE_OUT} unless --out is given; running the same command again reuses "
+        "the finished runs and resumes the others.",
     )
     _add_experiment_options(compare)
+    _add_decision_options(compare)
     compare.add_argument(
         "--procedures",
         nargs="+",
         choices=ALL_PROCEDURES,
-        default=list(PROCEDURES),
         metavar="PROCEDURE",
-        help=f"default: the paper's {', '.join(PROCEDURES)}; also sam",
+        help=f"instead of the decision: these procedures with the recipe's budget ({', '.join(PROCEDURES)}, "
+        "sam), seeds 0 1 2 unless --seeds, the study's table (docs/results.md)",
     )
-    compare.add_argument("--seeds", nargs="+", type=_seed, default=list(DEFAULT_SEEDS), help="default: 0 1 2")
     compare.add_argument(
         "--baseline-dir",
         type=Path,
         metavar="DIR",
-        help="keep the standard runs in DIR instead of --out, shared with other comparisons that differ "
-        "only in MLTP settings (--eta, --alpha-*): finished ones are reused, missing ones trained there",
+        help="with --procedures: keep the standard runs in DIR instead of --out, shared with other "
+        "comparisons that differ only in MLTP settings (--eta, --alpha-*): finished ones are reused, "
+        "missing ones trained there",
     )
     _add_recipe_options(compare)
     _add_run_options(compare, COMPARE_OUT)
 
+
+def _add_decision_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("the decision (without --procedures)")
+    group.add_argument(
+        "--arms",
+        nargs="+",
+        type=_arm,
+        metavar="ARM",
+        help="PROCEDURE, or PROCEDURE@OTHER to train it as long as OTHER's measured cost (default: "
+        f"{' '.join(DEFAULT_ARMS)}); procedures: {', '.join(ALL_PROCEDURES)}",
+    )
+    group.add_argument(
+        "--seeds",
+        nargs="+",
+        type=_seed,
+        help="the paired seeds (default: " + " ".join(map(str, decision.DEFAULT_SEEDS)) + ")",
+    )
+    group.add_argument(
+        "--tuning-seeds",
+        nargs="+",
+        type=_seed,
+        default=list(decision.DEFAULT_TUNING_SEEDS),
+        help="the seeds that choose the budget (and SAM's radius) on the validation split (default: "
+        + " ".join(map(str, decision.DEFAULT_TUNING_SEEDS))
+        + ")",
+    )
+    group.add_argument(
+        "--budgets",
+        nargs="+",
+        type=_positive_float,
+        default=list(decision.DEFAULT_BUDGETS),
+        metavar="X",
+        help="candidate budgets, as scales of the recipe's schedule (epochs and milestones); standard "
+        "training's best on the validation split is the budget (default: "
+        + " ".join(f"{b:g}" for b in decision.DEFAULT_BUDGETS)
+        + ")",
+    )
+    group.add_argument(
+        "--sam-rhos",
+        nargs="+",
+        type=_non_negative_float,
+        metavar="RHO",
+        help="SAM's candidate radii, chosen on the validation split when there are several (default: "
+        "--sam-rho, else 0.05)",
+    )
+    group.add_argument(
+        "--tuning-val-fraction",
+        type=_fraction,
+        default=decision.Plan.val_fraction,
+        metavar="F",
+        help="the part of the training samples that the tuning runs hold out for validation (default "
+        f"{decision.Plan.val_fraction})",
+    )
+
+
+def _add_reproduce_command(commands) -> None:
     tables = "; ".join(
         f"{name} ({spec.dataset}: {', '.join(model for model, _ in spec.rows)})"
         for name, spec in TABLES.items()
@@ -364,7 +464,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_recipe_options(reproduce)
     _add_run_options(reproduce, REPRODUCE_OUT, processes=False)
-    return parser
+
+
+def _arm(text: str) -> decision.Arm:
+    try:
+        return decision.Arm.parse(text)
+    except ExperimentError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _usage_problem(args: argparse.Namespace) -> Optional[str]:
@@ -376,19 +482,45 @@ def _usage_problem(args: argparse.Namespace) -> Optional[str]:
             f"name the table to reproduce, one of {', '.join(sorted(TABLES))}, "
             "e.g. 'torch-mltp reproduce table1 --dry-run'"
         )
-    if args.command == "train":
-        procedures = [args.procedure]
-    elif args.command == "compare":
-        procedures = args.procedures
-    else:
-        procedures = [procedure for _, row in TABLES[args.table].rows for procedure in row]
-    mltp = any(MLTP_MODES[procedure] is not None for procedure in procedures)
+    mltp = any(MLTP_MODES[procedure] is not None for procedure in _procedures(args))
     if mltp and args.batch_size is not None and args.batch_size < MIN_MLTP_BATCH:
         return (
             f"argument --batch-size: MLTP splits each batch into two tasks of at least 2 samples: expected "
             f"{MIN_MLTP_BATCH} or more, got {args.batch_size}"
         )
-    return _data_root_problem(args)
+    return _source_problem(args) or _data_root_problem(args)
+
+
+def _procedures(args: argparse.Namespace) -> List[str]:
+    """The procedures a command trains."""
+    if args.command == "train":
+        return [args.procedure]
+    if args.command == "compare":
+        return args.procedures or [arm.procedure for arm in _arms(args)]
+    return [procedure for _, row in TABLES[args.table].rows for procedure in row]
+
+
+def _arms(args: argparse.Namespace) -> List[decision.Arm]:
+    return args.arms or [decision.Arm.parse(spec) for spec in DEFAULT_ARMS]
+
+
+def _source_problem(args: argparse.Namespace) -> Optional[str]:
+    """A user's data set needs a user's model; the decision runs in one process; ``--baseline-dir`` goes
+    with ``--procedures``."""
+    if args.command == "reproduce":
+        return None
+    if is_import_string(args.dataset) and not (args.model and is_import_string(args.model)):
+        return (
+            "argument --model: with your own data set (--dataset module:function), give your model too "
+            "(--model module:function): the registered models are shaped for the registered data sets"
+        )
+    if args.command != "compare" or args.procedures is not None:
+        return None
+    if args.baseline_dir is not None:
+        return "argument --baseline-dir: goes with --procedures (the decision keeps all its runs in --out)"
+    if distributed.launched_by_torchrun():
+        return "the decision runs in one process; under torchrun, compare --procedures"
+    return None
 
 
 def _milestones_warning(args: argparse.Namespace) -> Optional[str]:
@@ -400,9 +532,9 @@ def _milestones_warning(args: argparse.Namespace) -> Optional[str]:
     if args.command == "reproduce":
         spec = TABLES[args.table]
         dataset, models = spec.dataset, [model for model, _ in spec.rows]
+        epochs = args.epochs or min(recipe_for(dataset, model).epochs for model in models)
     else:
-        dataset, models = args.dataset, [args.model or DEFAULT_MODELS[args.dataset]]
-    epochs = args.epochs or min(recipe_for(dataset, model).epochs for model in models)
+        dataset, epochs = args.dataset, args.epochs or _base_recipe(args).epochs
     late = [milestone for milestone in args.milestones if milestone >= epochs]
     if not late:
         return None
@@ -494,10 +626,38 @@ def _tasks(args: argparse.Namespace) -> str:
     return given or ("global" if getattr(args, "fsdp", False) else "local")
 
 
+def _base_recipe(args: argparse.Namespace) -> Recipe:
+    """The data set's preset (for a data set of the user's: :data:`.decision.DEFAULT_RECIPE`); the
+    decision keeps MLTP's alphas >= 0 unless ``--alpha-policy`` says otherwise."""
+    if is_import_string(args.dataset):
+        return decision.DEFAULT_RECIPE
+    recipe = recipe_for(args.dataset, args.model or DEFAULT_MODELS[args.dataset])
+    deciding = args.command == "compare" and args.procedures is None
+    return recipe.replace(alpha_policy="nonnegative") if deciding else recipe
+
+
 def _experiment(args: argparse.Namespace) -> Experiment:
+    """What the command trains; a model or loss of the user's is imported here."""
     model = args.model or DEFAULT_MODELS[args.dataset]
-    recipe = _scaled(recipe_for(args.dataset, model).replace(**_recipe_overrides(args)), args)
-    return Experiment(args.dataset, model, recipe, args.limit_train_batches, args.limit_test_batches)
+    recipe = _scaled(_base_recipe(args).replace(**_recipe_overrides(args)), args)
+    return Experiment(
+        args.dataset,
+        model,
+        recipe,
+        args.limit_train_batches,
+        args.limit_test_batches,
+        make_model=load_function(model, "--model") if is_import_string(model) else None,
+        loss=load_function(args.loss, "--loss") if args.loss else None,
+        loss_name=args.loss,
+    )
+
+
+def _data(args: argparse.Namespace) -> Optional[DataSplits]:
+    """The user's data set (``--dataset module:function``); ``None`` for a registered one, loaded by the
+    runs."""
+    if not is_import_string(args.dataset):
+        return None
+    return user_data(load_function(args.dataset, "--dataset"), args.dataset)
 
 
 def _scaled(recipe: Recipe, args: argparse.Namespace) -> Recipe:
@@ -529,7 +689,8 @@ def default_out(args: argparse.Namespace, processes: distributed.Processes) -> P
     )
     if args.command == "reproduce":
         return RUNS / "reproduce" / f"{args.table}{suffix}"
-    folder = RUNS / args.command / f"{args.dataset}-{args.model or DEFAULT_MODELS[args.dataset]}{suffix}"
+    names = (args.dataset, args.model or DEFAULT_MODELS[args.dataset])
+    folder = RUNS / args.command / ("-".join(map(folder_name, names)) + suffix)
     return folder / run_dir_name(args.procedure, args.seed) if args.command == "train" else folder
 
 
@@ -538,19 +699,27 @@ def _run(args: argparse.Namespace) -> None:
     out = args.out or default_out(args, processes)
     if args.command == "train":
         result = train_run(
-            _experiment(args), args.procedure, args.seed, out, _run_options(args, log_epochs=True)
+            _experiment(args),
+            args.procedure,
+            args.seed,
+            out,
+            _run_options(args, log_epochs=True),
+            _data(args),
         )
         if result.reused:
             print(_reused_line(result))
         else:
             print(f"final test accuracy {result.final['test_acc']:.2f}%; results in {result.run_dir}")
+    elif args.command == "compare" and args.procedures is None:
+        _decide(args, out)
     elif args.command == "compare":
         result = compare(
             _experiment(args),
             args.procedures,
-            args.seeds,
+            args.seeds or list(DEFAULT_SEEDS),
             out,
             _run_options(args, log_epochs=False),
+            data=_data(args),
             baseline_root=args.baseline_dir,
         )
         if not processes.is_main:
@@ -580,6 +749,25 @@ def _run(args: argparse.Namespace) -> None:
             print()
             print((out / "table.md").read_text())
             print(f"written: {out}/table.md, {out}/results.json and one folder per model with figures")
+
+
+def _decide(args: argparse.Namespace, out: Path) -> None:
+    """The decision (:mod:`.decision`): its runs, then the table, the verdict and the files written."""
+    experiment = _experiment(args)
+    data = _data(args) or load_dataset(args.dataset, args.data_root, download=args.download)
+    plan = decision.Plan(
+        arms=tuple(_arms(args)),
+        seeds=tuple(args.seeds or decision.DEFAULT_SEEDS),
+        tuning_seeds=tuple(args.tuning_seeds),
+        budgets=tuple(args.budgets),
+        sam_rhos=tuple(args.sam_rhos or [experiment.recipe.sam_rho]),
+        val_fraction=args.tuning_val_fraction,
+    )
+    result = decision.decide(experiment, data, plan, out, _run_options(args, log_epochs=False))
+    written = decision.write_outputs(result, out)
+    print()
+    print(result.table())
+    print("written: " + ", ".join(str(path) for path in written))
 
 
 def _reused_line(result: RunResult) -> str:

@@ -423,3 +423,41 @@ def cost_figure(analysis: dict):
 def plot_cost(analysis: dict, path: Path) -> Path:
     """Write :func:`cost_figure` to ``path``."""
     return _save(cost_figure(analysis), path)
+
+
+def decision_figure(decision: dict):
+    """Two panels of a decision (``decision.Decision.to_dict()``): each arm's final test accuracy per seed
+    (dots) and mean; each comparison's paired differences per seed (dots), their mean and 95% interval."""
+    import matplotlib
+
+    with matplotlib.rc_context(FONTS):
+        figure, (arms_axis, differences_axis) = _grid(2)
+        for row, arm in enumerate(decision["arms"].values()):
+            values = arm["test_acc"]
+            arms_axis.scatter(values, [row] * len(values), color=f"C{row % 10}", alpha=0.5)
+            arms_axis.plot([math.fsum(values) / len(values)], [row], marker="|", markersize=18, color="black")
+        labels = [arm["label"] for arm in decision["arms"].values()]
+        arms_axis.set_yticks(range(len(labels)), labels)
+        arms_axis.invert_yaxis()
+        arms_axis.set_xlabel("final test accuracy (%)")
+        for row, entry in enumerate(decision["comparisons"]):
+            treatment = decision["arms"][entry["treatment"]]["test_acc"]
+            baseline = decision["arms"][entry["baseline"]]["test_acc"]
+            per_seed = [t - b for t, b in zip(treatment, baseline)]
+            differences_axis.scatter(per_seed, [row] * len(per_seed), color="grey", alpha=0.5)
+            difference = entry["difference"]
+            low, high = difference["low"], difference["high"]
+            error = None if low is None else [[difference["mean"] - low], [high - difference["mean"]]]
+            differences_axis.errorbar(difference["mean"], row, xerr=error, marker="o", color="C3", capsize=4)
+        differences_axis.axvline(0.0, color="black", linewidth=0.8)
+        labels = [f"{entry['treatment']} − {entry['baseline']}" for entry in decision["comparisons"]]
+        differences_axis.set_yticks(range(len(labels)), labels)
+        differences_axis.invert_yaxis()
+        differences_axis.set_xlabel("Δ test accuracy, points (95% CI)")
+        setup = decision["setup"]
+        figure.suptitle(f"{setup['model']} on {setup['dataset']}: {len(setup['seeds'])} paired seeds")
+    return figure
+
+
+def plot_decision(decision: dict, path: Path) -> Path:
+    return _save(decision_figure(decision), path)

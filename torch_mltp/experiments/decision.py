@@ -1,0 +1,468 @@
+"""Does MLTP help on this model? One comparison that ends in a decision, on any model and data.
+
+The arms (:class:`Arm`) train on the same seeds, so that each seed pairs them. By default: standard
+training; ``mltp_fo`` with its alphas kept >= 0; SAM given ``mltp_fo``'s measured cost; standard training
+given ``mltp_fo``'s measured cost. The steps:
+
+1. **Cost.** Seconds per step of every procedure on one batch (:func:`.cost.step_costs`), so that an arm
+   ``procedure@other`` trains ``ratio(other) / ratio(procedure)`` times the budget's steps, and so that the
+   whole comparison's time can be estimated before it starts.
+2. **Budget.** Standard training at each scale of the recipe's schedule, on the tuning seeds, with a part
+   of the training samples held out; the scale with the highest mean validation accuracy is the budget
+   (a tie goes to the shorter one). With several SAM radii, SAM's is chosen the same way.
+3. **Runs.** Every arm on every seed, on all training samples, with the chosen budget.
+4. **Analysis.** Every MLTP arm against every other arm: the paired difference of final test accuracy
+   (treatment minus baseline, same seed) with a 95% Student-t interval and a two-sided paired t-test,
+   Holm-Bonferroni adjusted over the family, and the verdict (:func:`verdict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from torch_mltp.data import DataSplits
+
+from .comparison import duration_text, training_seconds
+from .cost import step_costs
+from .recipes import MLTP_MODES, Recipe
+from .sources import folder_name, function_name, user_data
+from .stats import holm, paired_difference
+from .tables import interval_text, markdown, mean_sd_text, p_text
+from .training import Experiment, ExperimentError, RunOptions, resolve_device, split_training, train_run
+
+log = logging.getLogger(__name__)
+
+LEVEL = 0.05
+"""A difference is shown when its Holm-adjusted p-value is below this (the family-wise error rate)."""
+CONFIDENCE = 0.95
+DEFAULT_ARMS = ("standard", "mltp_fo", "sam@mltp_fo", "standard@mltp_fo")
+DEFAULT_SEEDS = (100, 101, 102, 103, 104)
+DEFAULT_TUNING_SEEDS = (0, 1)
+DEFAULT_BUDGETS = (0.5, 1.0)
+DEFAULT_SAM_RHOS = (0.05,)
+COST_FILE = "cost.json"
+DEFAULT_RECIPE = Recipe("adam", 1e-3, 10, (), alpha_policy="nonnegative")
+"""For a model of the user's: Adam at 1e-3, batches of 128, 10 epochs at a constant learning rate, the
+alphas of MLTP kept >= 0 (``alpha_min=0``)."""
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm: a procedure, trained for the budget's steps or, with ``cost_of``, for as long as a step
+    of that procedure costs (``sam@mltp_fo``: SAM given ``mltp_fo``'s time)."""
+
+    procedure: str
+    cost_of: Optional[str] = None
+
+    @staticmethod
+    def parse(spec: str) -> Arm:
+        procedure, _, cost_of = spec.partition("@")
+        for name in (procedure, cost_of or procedure):
+            if name not in MLTP_MODES:
+                raise ExperimentError(
+                    f"arm {spec!r}: expected PROCEDURE or PROCEDURE@PROCEDURE with procedures from "
+                    f"{', '.join(MLTP_MODES)}"
+                )
+        return Arm(procedure, cost_of if cost_of and cost_of != procedure else None)
+
+    @property
+    def name(self) -> str:
+        return self.procedure if self.cost_of is None else f"{self.procedure}@{self.cost_of}"
+
+    @property
+    def label(self) -> str:
+        return self.procedure if self.cost_of is None else f"{self.procedure} at {self.cost_of}'s cost"
+
+    @property
+    def is_mltp(self) -> bool:
+        return MLTP_MODES[self.procedure] is not None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a decision trains: the arms, the seeds, and the budget and radius candidates."""
+
+    arms: Tuple[Arm, ...] = tuple(Arm.parse(spec) for spec in DEFAULT_ARMS)
+    seeds: Tuple[int, ...] = DEFAULT_SEEDS
+    tuning_seeds: Tuple[int, ...] = DEFAULT_TUNING_SEEDS
+    budgets: Tuple[float, ...] = DEFAULT_BUDGETS
+    sam_rhos: Tuple[float, ...] = DEFAULT_SAM_RHOS
+    val_fraction: float = 0.1
+    cost_steps: int = 20
+    cost_rounds: int = 3
+
+    def __post_init__(self) -> None:
+        names = [arm.name for arm in self.arms]
+        if len(set(names)) != len(names) or not names:
+            raise ExperimentError(f"the arms must be distinct and at least one, got {names}")
+        for values, what in ((self.seeds, "seeds"), (self.tuning_seeds, "tuning seeds")):
+            if not values or len(set(values)) != len(values):
+                raise ExperimentError(f"the {what} must be distinct and at least one, got {list(values)}")
+        if not self.budgets or any(not (math.isfinite(b) and b > 0) for b in self.budgets):
+            raise ExperimentError(f"the budgets must be positive scales, got {list(self.budgets)}")
+        if not self.sam_rhos or any(not (math.isfinite(r) and r >= 0) for r in self.sam_rhos):
+            raise ExperimentError(f"the SAM radii must be numbers >= 0, got {list(self.sam_rhos)}")
+
+    @property
+    def timed(self) -> Tuple[str, ...]:
+        """The procedures whose step cost the plan needs, standard training first."""
+        named = [arm.procedure for arm in self.arms] + [arm.cost_of for arm in self.arms if arm.cost_of]
+        return tuple(dict.fromkeys(["standard", *named]))
+
+
+@dataclass
+class Decision:
+    """The outcome: per arm its per-seed results, the comparisons and the verdict (:meth:`to_dict` is
+    the JSON that :func:`write_outputs` writes)."""
+
+    setup: dict
+    arms: Dict[str, dict]
+    comparisons: List[dict]
+    verdict: List[str]
+    tuning: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def table(self) -> str:
+        """The arms and the paired comparisons as markdown, then the verdict."""
+        arms = [
+            [data["label"], str(data["steps"]), mean_sd_text(data["test_acc"]), f"{data['train_s']:.1f}"]
+            for data in self.arms.values()
+        ]
+        rows = [
+            [
+                f"{entry['treatment']} − {entry['baseline']}",
+                interval_text(entry["difference"]),
+                p_text(entry["difference"]["p_t"]),
+                p_text(entry["p_holm"]),
+                entry["outcome"],
+            ]
+            for entry in self.comparisons
+        ]
+        seeds = self.setup["seeds"]
+        return "\n".join(
+            [
+                markdown(["arm", "steps", "test top-1 (%)", "train s/run"], arms),
+                "",
+                markdown(["comparison", "Δ top-1 [95% CI]", "p (t)", "p (Holm)", "outcome"], rows),
+                "",
+                *(f"**Verdict.** {line}" for line in self.verdict),
+                "",
+                f"{len(seeds)} paired seeds {tuple(seeds)}. Δ: mean of the paired differences of final test "
+                "accuracy (same seed), treatment minus baseline, with a 95% Student-t interval; p (t): "
+                "two-sided paired t-test; p (Holm): Holm-Bonferroni adjusted over the comparisons. A "
+                f"difference is shown when p (Holm) < {LEVEL:g}.",
+            ]
+        )
+
+
+def compare(
+    make_model: Callable[[], nn.Module],
+    make_data: Callable[[], Tuple[object, object]],
+    *,
+    loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+    recipe: Optional[Recipe] = None,
+    plan: Optional[Plan] = None,
+    out: Optional[Path] = None,
+    device: str = "auto",
+    overwrite: bool = False,
+    names: Optional[Dict[str, str]] = None,
+) -> Decision:
+    """Does MLTP help on ``make_model()`` trained on ``make_data()``? The comparison of ``plan``'s arms
+    (default :class:`Plan()`) with ``recipe`` (default :data:`DEFAULT_RECIPE`) as the schedule to scale
+    (module docstring), its runs under ``out`` (default ``runs/compare/<model>``; finished runs are reused,
+    interrupted ones resumed). ``names`` (``model``, ``data``, ``loss``) label the functions in the run
+    folders, by default ``module:qualname``."""
+    names = {**_default_names(make_model, make_data, loss), **(names or {})}
+    data = user_data(make_data, names["data"])
+    experiment = Experiment(
+        names["data"],
+        names["model"],
+        recipe or DEFAULT_RECIPE,
+        make_model=make_model,
+        loss=loss,
+        loss_name=names.get("loss"),
+    )
+    out = Path(out) if out is not None else Path("runs/compare") / folder_name(names["model"])
+    return decide(experiment, data, plan or Plan(), out, RunOptions(device=device, overwrite=overwrite))
+
+
+def _default_names(make_model, make_data, loss) -> Dict[str, str]:
+    names = {"model": function_name(make_model), "data": function_name(make_data)}
+    if loss is not None:
+        names["loss"] = function_name(loss)
+    return names
+
+
+def decide(experiment: Experiment, data: DataSplits, plan: Plan, out: Path, options: RunOptions) -> Decision:
+    """The steps of the module docstring for ``experiment`` (its recipe is the schedule to scale)."""
+    options = dataclasses.replace(
+        options, log_epochs=False, cosine_every=0, command="compare", progress=False
+    )
+    device = resolve_device(options.device)
+    split_training(data, experiment)  # a batch larger than the data fails before anything runs
+    costs = measured_costs(experiment, data, plan, out / COST_FILE, device)
+    runner = _Runner(experiment, data, plan, costs, out, options)
+    log.info(
+        "%d runs: about %s in all (from the measured step times; evaluation not included)",
+        runner.total,
+        duration_text(runner.estimate()),
+    )
+    tuning = {"budget": runner.choose_budget()}
+    if runner.tunes_rho:
+        tuning["sam_rho"] = runner.choose_rho()
+    arms = {arm.name: runner.run_arm(arm) for arm in plan.arms}
+    comparisons = analyse(plan.arms, arms)
+    setup = {
+        "dataset": experiment.dataset,
+        "model": experiment.model,
+        "loss": experiment.loss_name or "cross_entropy",
+        "recipe": runner.recipe.to_dict(),
+        "seeds": list(plan.seeds),
+        "plan": {**dataclasses.asdict(plan), "arms": [arm.name for arm in plan.arms]},
+        "cost": costs,
+        "device": str(device),
+    }
+    return Decision(setup, arms, comparisons, verdict(plan.arms, comparisons), tuning)
+
+
+def measured_costs(experiment: Experiment, data: DataSplits, plan: Plan, path: Path, device) -> dict:
+    """The step costs of the plan's procedures (:func:`.cost.step_costs`), kept in ``path``: running the
+    comparison again reuses them, so that the arms given another arm's cost keep their budgets and their
+    finished runs (delete the file to measure again)."""
+    if path.exists():
+        costs = json.loads(path.read_text())
+        if set(plan.timed) <= set(costs):
+            log.info("step costs from %s (delete it to measure them again)", path)
+            return costs
+    costs = step_costs(experiment, plan.timed, data, plan.cost_steps, plan.cost_rounds, device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(costs, indent=2) + "\n")
+    log.info("seconds per step: %s", ", ".join(f"{p} {c['seconds_per_step']:.4f}" for p, c in costs.items()))
+    return costs
+
+
+class _Runner:
+    """The runs of one decision, in order, each with a progress line and the time left."""
+
+    def __init__(self, experiment, data, plan: Plan, costs: dict, out: Path, options: RunOptions):
+        self.experiment, self.data, self.plan, self.costs = experiment, data, plan, costs
+        self.out, self.options = out, options
+        self.base = self.recipe = experiment.recipe
+        self.done = 0
+        self.predicted = self.measured = 0.0  # seconds of the runs trained so far, predicted and measured
+
+    @property
+    def tunes_rho(self) -> bool:
+        return len(self.plan.sam_rhos) > 1 and any(arm.procedure == "sam" for arm in self.plan.arms)
+
+    def planned(self) -> List[Tuple[str, Recipe]]:
+        """Every run of the plan in order, as (procedure, recipe), the arms at the current budget."""
+        plan, runs = self.plan, []
+        if len(plan.budgets) > 1:
+            runs += [("standard", self.base.scaled(s)) for s in plan.budgets for _ in plan.tuning_seeds]
+        if self.tunes_rho:
+            sam = self.recipe.scaled(self.scale_of(next(a for a in plan.arms if a.procedure == "sam")))
+            runs += [("sam", sam) for _ in plan.sam_rhos for _ in plan.tuning_seeds]
+        runs += [(a.procedure, self.recipe.scaled(self.scale_of(a))) for a in plan.arms for _ in plan.seeds]
+        return runs
+
+    @property
+    def total(self) -> int:
+        return len(self.planned())
+
+    def estimate(self) -> float:
+        """Seconds the runs still to come will take: their steps at the measured step costs, times how much
+        longer than that the runs so far took (evaluation, loading)."""
+        seconds = math.fsum(
+            self._seconds(procedure, recipe) for procedure, recipe in self.planned()[self.done :]
+        )
+        return seconds * (self.measured / self.predicted if self.predicted else 1.0)
+
+    def scale_of(self, arm: Arm) -> float:
+        """How many times the budget's steps ``arm`` trains: 1, or the cost ratio of ``arm.cost_of``."""
+        if arm.cost_of is None:
+            return 1.0
+        return round(self.costs[arm.cost_of]["ratio"] / self.costs[arm.procedure]["ratio"], 2)
+
+    def _seconds(self, procedure: str, recipe: Recipe) -> float:
+        experiment = dataclasses.replace(self.experiment, recipe=recipe)
+        return steps_per_run(experiment, self.data) * self.costs[procedure]["seconds_per_step"]
+
+    def train(self, experiment: Experiment, procedure: str, seed: int, folder: Path, label: str):
+        """One run, and its progress line."""
+        started = time.perf_counter()
+        run = train_run(experiment, procedure, seed, folder, self.options, self.data)
+        self.done += 1
+        seconds = time.perf_counter() - started
+        if not run.reused:
+            self.measured += seconds
+            self.predicted += self._seconds(procedure, experiment.recipe)
+        final = run.final
+        validation = f", val {final['val_acc']:.2f}%" if "val_acc" in final else ""
+        left = f"; about {duration_text(self.estimate())} left" if self.done < self.total else ""
+        log.info(
+            "[%d/%d] %s seed %d: test %.2f%%%s (%s)%s",
+            self.done,
+            self.total,
+            label,
+            seed,
+            final["test_acc"],
+            validation,
+            "reused" if run.reused else f"{seconds:.0f} s",
+            left,
+        )
+        return run
+
+    def choose_budget(self) -> dict:
+        """The budget scale with the highest mean validation accuracy of standard training."""
+        if len(self.plan.budgets) == 1:
+            self.recipe = self.base.scaled(self.plan.budgets[0])
+            return {"value": self.plan.budgets[0], "rows": []}
+        rows = [self._tune("standard", self.base.scaled(s), f"budget-{s:g}", s) for s in self.plan.budgets]
+        best = max(rows, key=lambda row: (row["val_acc"], -row["value"]))
+        self.recipe = self.base.scaled(best["value"])
+        log.info("budget: %gx the recipe's schedule (%d epochs)", best["value"], self.recipe.epochs)
+        return {"value": best["value"], "rows": rows}
+
+    def choose_rho(self) -> dict:
+        """SAM's radius (at its arm's cost) with the highest mean validation accuracy."""
+        sam = next(arm for arm in self.plan.arms if arm.procedure == "sam")
+        scaled = self.recipe.scaled(self.scale_of(sam))
+        rows = [self._tune("sam", scaled.replace(sam_rho=r), f"sam-rho-{r:g}", r) for r in self.plan.sam_rhos]
+        best = max(rows, key=lambda row: (row["val_acc"], -row["value"]))
+        self.recipe = self.recipe.replace(sam_rho=best["value"])
+        log.info("SAM radius: %g", best["value"])
+        return {"value": best["value"], "rows": rows}
+
+    def _tune(self, procedure: str, recipe: Recipe, name: str, value: float) -> dict:
+        """``procedure`` on the tuning seeds with the validation split: its mean validation accuracy."""
+        experiment = dataclasses.replace(
+            self.experiment, recipe=recipe.replace(val_fraction=self.plan.val_fraction)
+        )
+        accuracies = []
+        for seed in self.plan.tuning_seeds:
+            folder = self.out / "tuning" / name / f"{procedure}-seed{seed}"
+            accuracies.append(
+                self.train(experiment, procedure, seed, folder, f"tuning {name}").final["val_acc"]
+            )
+        return {"value": value, "val_acc": math.fsum(accuracies) / len(accuracies), "per_seed": accuracies}
+
+    def run_arm(self, arm: Arm) -> dict:
+        """Every seed of ``arm`` on all training samples; its per-seed results."""
+        experiment = dataclasses.replace(self.experiment, recipe=self.recipe.scaled(self.scale_of(arm)))
+        folder = self.out / folder_name(arm.name)
+        runs = [
+            self.train(experiment, arm.procedure, seed, folder / f"{arm.procedure}-seed{seed}", arm.label)
+            for seed in self.plan.seeds
+        ]
+        seconds = [training_seconds(run.history) for run in runs]
+        return {
+            "label": arm.label,
+            "procedure": arm.procedure,
+            "steps_scale": self.scale_of(arm),
+            "epochs": experiment.recipe.epochs,
+            "steps": steps_per_run(experiment, self.data),
+            "test_acc": [run.final["test_acc"] for run in runs],
+            "train_s_per_seed": seconds,
+            "train_s": math.fsum(seconds) / len(seconds),
+            "run_dirs": [str(run.run_dir) for run in runs],
+        }
+
+
+def steps_per_run(experiment: Experiment, data: DataSplits) -> int:
+    """The training steps of one run: epochs times the batches of an epoch (a last batch of one sample is
+    dropped; ``limit_train_batches`` caps them)."""
+    samples = len(split_training(data, experiment)[0])
+    batch = experiment.recipe.batch_size
+    per_epoch = math.ceil(samples / batch) - (samples % batch == 1)
+    if experiment.limit_train_batches is not None:
+        per_epoch = min(per_epoch, experiment.limit_train_batches)
+    return experiment.recipe.epochs * per_epoch
+
+
+def analyse(arms: Sequence[Arm], results: Dict[str, dict]) -> List[dict]:
+    """Every MLTP arm minus every other arm that is not MLTP: the paired difference of final test accuracy,
+    Holm-Bonferroni adjusted over all of them, and each one's outcome."""
+    pairs = [(t, b) for t in arms if t.is_mltp for b in arms if not b.is_mltp]
+    entries = []
+    for treatment, baseline in pairs:
+        difference = paired_difference(
+            results[baseline.name]["test_acc"], results[treatment.name]["test_acc"], CONFIDENCE
+        ).to_dict()
+        entries.append({"treatment": treatment.name, "baseline": baseline.name, "difference": difference})
+    for entry, adjusted in zip(entries, holm([entry["difference"]["p_t"] for entry in entries])):
+        entry["p_holm"] = adjusted
+        entry["outcome"] = outcome(entry)
+    return entries
+
+
+def outcome(entry: dict) -> str:
+    """``"<arm> ahead"`` when the adjusted p-value is below :data:`LEVEL`, else ``"not shown"``."""
+    if entry["p_holm"] >= LEVEL:
+        return "not shown"
+    return f"{entry['treatment'] if entry['difference']['mean'] > 0 else entry['baseline']} ahead"
+
+
+def verdict(arms: Sequence[Arm], comparisons: Sequence[dict]) -> List[str]:
+    """One line per MLTP arm: its gain over standard training given its cost (else with the same steps),
+    then its difference from SAM (likewise)."""
+    by_pair = {(entry["treatment"], entry["baseline"]): entry for entry in comparisons}
+    names = {arm.name for arm in arms}
+    lines = []
+    for arm in (arm for arm in arms if arm.is_mltp):
+        parts = [
+            _against(by_pair[arm.name, baseline], claim, title)
+            for baseline, claim, title in _baselines(arm, names)
+            if (arm.name, baseline) in by_pair
+        ]
+        if parts:
+            lines.append(f"{arm.name}: " + "; ".join(parts) + ".")
+    return lines
+
+
+def _baselines(arm: Arm, names: set) -> Iterator[Tuple[str, str, str]]:
+    """(baseline arm, what is claimed, how to call it) for the verdict on ``arm``."""
+    for procedure, claim, title in (
+        ("standard", "gain over", "standard training"),
+        ("sam", "difference from", "SAM"),
+    ):
+        if f"{procedure}@{arm.procedure}" in names:
+            yield f"{procedure}@{arm.procedure}", claim, f"{title} at equal cost"
+        elif procedure in names:
+            yield procedure, claim, f"{title} with the same steps"
+
+
+def _against(entry: dict, claim: str, baseline: str) -> str:
+    """``"gain over X not shown (...)"``, ``"ahead of X (...)"`` or ``"X ahead (...)"``, with the evidence."""
+    evidence = f"{interval_text(entry['difference'])} points, Holm p {p_text(entry['p_holm'])}"
+    if entry["p_holm"] >= LEVEL:
+        return f"{claim} {baseline} not shown ({evidence})"
+    if entry["difference"]["mean"] > 0:
+        return f"ahead of {baseline} ({evidence})"
+    return f"{baseline} ahead ({evidence})"
+
+
+def write_outputs(decision: Decision, out: Path) -> List[Path]:
+    """``decision.json`` (every arm's per-seed results), ``decision.md`` and ``decision.png``."""
+    from .plots import plot_decision
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decision.json").write_text(json.dumps(decision.to_dict(), indent=2) + "\n")
+    (out / "decision.md").write_text(decision.table() + "\n")
+    return [
+        out / "decision.json",
+        out / "decision.md",
+        plot_decision(decision.to_dict(), out / "decision.png"),
+    ]
