@@ -186,8 +186,30 @@ def test_the_verdict_follows_the_holm_adjusted_p_values():
     assert outcomes[("mltp_fo", "sam@mltp_fo")] == "sam@mltp_fo ahead"
     assert outcomes[("mltp_fo", "standard@mltp_fo")] == "not shown"
     (line,) = verdict(arms, entries)
-    assert line.startswith("mltp_fo: gain over standard training at equal cost not shown (")
-    assert "; SAM at equal cost ahead (-" in line
+    assert line.startswith("mltp_fo: gain over standard training not shown (same steps: +")
+    assert "; SAM ahead (equal cost: -" in line
+
+
+@pytest.mark.parametrize(
+    ("same_steps", "equal_cost", "expected"),
+    [
+        (2.0, 2.0, "mltp_fo: ahead of standard training (same steps: +2.00"),
+        # ahead of the longer standard run only (more steps overfit): no gain shown
+        (0.0, 2.0, "mltp_fo: gain over standard training not shown (same steps: +0.00"),
+        (0.0, -2.0, "mltp_fo: standard training ahead (same steps: +0.00"),
+    ],
+)
+def test_a_gain_over_standard_training_needs_both_standard_arms(same_steps, equal_cost, expected):
+    arms = tuple(map(Arm.parse, ["standard", "mltp_fo", "standard@mltp_fo"]))
+    noise = [0.1, -0.1, 0.2, -0.2, 0.05, -0.05]
+    mltp = [70.0 + k for k in range(6)]
+    results = {
+        "mltp_fo": {"test_acc": mltp},
+        "standard": {"test_acc": [m - same_steps + e for m, e in zip(mltp, noise)]},
+        "standard@mltp_fo": {"test_acc": [m - equal_cost - e for m, e in zip(mltp, noise)]},
+    }
+    (line,) = verdict(arms, analyse(arms, results))
+    assert line.startswith(expected), line
 
 
 USER = ["--dataset", "user_problem:make_data", "--model", "user_problem:make_model"]
