@@ -4,16 +4,16 @@ The arms (:class:`Arm`) train on the same seeds, so that each seed pairs them. B
 training; ``mltp_fo`` with its alphas kept >= 0; SAM given ``mltp_fo``'s measured cost; standard training
 given ``mltp_fo``'s measured cost. The steps:
 
-1. **Cost.** Seconds per step of every procedure on one batch (:func:`.cost.step_costs`), so that an arm
-   ``procedure@other`` trains ``ratio(other) / ratio(procedure)`` times the budget's steps, and so that the
-   whole comparison's time can be estimated before it starts.
+1. **Cost.** Seconds per step of every procedure on one batch (:func:`.cost.step_costs`, kept in
+   ``cost.json``), so that an arm ``procedure@other`` trains ``ratio(other) / ratio(procedure)`` times the
+   budget's steps, and so that the whole comparison's time can be estimated before it starts.
 2. **Budget.** Standard training at each scale of the recipe's schedule, on the tuning seeds, with a part
    of the training samples held out; the scale with the highest mean validation accuracy is the budget
    (a tie goes to the shorter one). With several SAM radii, SAM's is chosen the same way.
 3. **Runs.** Every arm on every seed, on all training samples, with the chosen budget.
-4. **Analysis.** Every MLTP arm against every other arm: the paired difference of final test accuracy
-   (treatment minus baseline, same seed) with a 95% Student-t interval and a two-sided paired t-test,
-   Holm-Bonferroni adjusted over the family, and the verdict (:func:`verdict`).
+4. **Analysis.** Every MLTP arm against every arm that is not MLTP: the paired difference of final test
+   accuracy (treatment minus baseline, same seed) with a 95% Student-t interval and a two-sided paired
+   t-test, Holm-Bonferroni adjusted over all of them, and the verdict (:func:`verdict`).
 """
 
 from __future__ import annotations
