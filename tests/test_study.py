@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from torch_mltp.experiments import study
+from torch_mltp.experiments.comparison import markdown_table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -146,3 +147,16 @@ def test_a_comparison_that_another_process_runs_is_skipped_until_that_process_en
         study.run_comparisons([first], tmp_path, tmp_path / "results", []) == []
     )  # released with its process
     assert ran == ["second", "first"]
+
+
+@pytest.mark.parametrize("name", ["cnn-n1000", "mlp-alpha-lr-0.0001"])
+def test_a_committed_table_regenerates_from_its_results(name):
+    folder = REPO / "docs" / "results" / name
+    result = json.loads((folder / "results.json").read_text())
+    assert markdown_table([result]) == (folder / "table.md").read_text()
+
+
+def test_the_committed_sweep_tables_regenerate_from_the_summaries():
+    for sweep in study.SWEEPS:
+        table = study.sweep_table(sweep, REPO / "docs" / "results")
+        assert table == (REPO / "docs" / "results" / sweep.name / "table.md").read_text(), sweep.name

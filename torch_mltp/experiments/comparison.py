@@ -64,6 +64,15 @@ def _spread(values: Sequence[Optional[float]]) -> Optional[dict]:
     return {"per_seed": list(values), "mean": mean, "std": std}
 
 
+def _difference(baseline: dict, entry: dict) -> dict:
+    """The paired difference of ``entry`` to the baseline's (same seed), as :func:`paired_difference`."""
+    return paired_difference(baseline["per_seed"], entry["per_seed"], CONFIDENCE).to_dict()
+
+
+def _run_record(run: RunResult) -> dict:
+    return {"run_dir": str(run.run_dir), "history": run.history}
+
+
 def summarize(
     experiment: Experiment,
     procedures: Sequence[str],
@@ -86,21 +95,29 @@ def summarize(
             "negative_alphas": negative_alphas(histories),
             "val_acc": _spread([history[-1].get("val_acc") for history in histories]),
         }
-    baseline_cosine = summary.get(BASELINE, {}).get("grad_cosine")
-    for procedure in procedures:
-        cosine = summary[procedure]["grad_cosine"]
-        if cosine is not None and baseline_cosine is not None and procedure != BASELINE:
-            cosine["diff_vs_standard"] = paired_difference(
-                baseline_cosine["per_seed"], cosine["per_seed"], CONFIDENCE
-            ).to_dict()
         for metric in metrics:
-            values = [runs[procedure, seed].final[metric] for seed in seeds]
-            mean, std = mean_std(values)
-            entry = {"per_seed": values, "mean": mean, "std": std, "diff_vs_standard": None}
-            if BASELINE in procedures and procedure != BASELINE:
-                baseline = [runs[BASELINE, seed].final[metric] for seed in seeds]
-                entry["diff_vs_standard"] = paired_difference(baseline, values, CONFIDENCE).to_dict()
-            summary[procedure][metric] = entry
+            finals = [runs[procedure, seed].final[metric] for seed in seeds]
+            mean, std = mean_std(finals)
+            summary[procedure][metric] = {
+                "per_seed": finals,
+                "mean": mean,
+                "std": std,
+                "diff_vs_standard": None,
+            }
+    baseline = summary.get(BASELINE)
+    for procedure, entries in summary.items():
+        if baseline is None or procedure == BASELINE:
+            continue
+        for metric in metrics:
+            entries[metric]["diff_vs_standard"] = _difference(baseline[metric], entries[metric])
+        if entries["grad_cosine"] is not None and baseline["grad_cosine"] is not None:
+            entries["grad_cosine"]["diff_vs_standard"] = _difference(
+                baseline["grad_cosine"], entries["grad_cosine"]
+            )
+    run_records = {
+        procedure: {str(seed): _run_record(runs[procedure, seed]) for seed in seeds}
+        for procedure in procedures
+    }
     return {
         "dataset": experiment.dataset,
         "model": experiment.model,
@@ -110,22 +127,8 @@ def summarize(
         "metrics": metrics,
         "summary": summary,
         "versions": versions(),
-        "runs": {
-            procedure: {
-                str(seed): {
-                    "run_dir": str(runs[procedure, seed].run_dir),
-                    "history": runs[procedure, seed].history,
-                }
-                for seed in seeds
-            }
-            for procedure in procedures
-        },
+        "runs": run_records,
     }
-
-
-def _informative_sign_flip(difference: dict) -> Optional[float]:
-    """The sign-flip p-value, or ``None`` for one pair: its two sign patterns always give p = 1."""
-    return difference["p_sign_flip"] if difference["n"] > 1 else None
 
 
 def _metric_cells(entry: dict) -> List[str]:
@@ -138,7 +141,7 @@ def _metric_cells(entry: dict) -> List[str]:
         mean_sd_text(entry["per_seed"]),
         interval_text(difference) + single,
         p_text(difference["p_t"]),
-        p_text(_informative_sign_flip(difference)),
+        p_text(difference["p_sign_flip"] if difference["n"] > 1 else None),  # one pair: always p = 1
     ]
 
 
@@ -237,13 +240,9 @@ def write_outputs(root: Path, results: Sequence[dict], reported=None, figures: b
     written = [root / "results.json", root / "table.md"]
     if figures:
         result = results[0]
-        written.append(plot_accuracy(result, root / "accuracy.png"))
-        for optional in (
-            plot_alphas(result, root / "alphas.png"),
-            plot_gradient_cosine(result, root / "grad_cosine.png"),
-        ):
-            if optional is not None:
-                written.append(optional)
+        plotted = [plot_accuracy(result, root / "accuracy.png"), plot_alphas(result, root / "alphas.png")]
+        plotted.append(plot_gradient_cosine(result, root / "grad_cosine.png"))
+        written += [path for path in plotted if path is not None]
     return written
 
 
@@ -269,24 +268,16 @@ def compare(
     check_procedures(experiment, procedures, data)
     split_training(data, experiment, distributed.current())  # a bad --batch-size fails before any run
     plan = [(procedure, seed) for seed in seeds for procedure in procedures]
-    log.info(
-        "%d runs (%d procedure(s) x %d seed(s)) of %s on %s into %s",
-        len(plan),
-        len(procedures),
-        len(seeds),
-        experiment.model,
-        experiment.dataset,
-        root,
-    )
+    size = f"{len(plan)} runs ({len(procedures)} procedure(s) x {len(seeds)} seed(s))"
+    log.info("%s of %s on %s into %s", size, experiment.model, experiment.dataset, root)
     runs: Dict[Tuple[str, int], RunResult] = {}
     clock = RunClock()
     for index, (procedure, seed) in enumerate(plan, start=1):
         log.info("run %d/%d: %s seed %d ...", index, len(plan), procedure, seed)
         parent = baseline_root if procedure == BASELINE and baseline_root is not None else root
         started = time.perf_counter()
-        run = train_run(
-            experiment, procedure, seed, Path(parent) / run_dir_name(procedure, seed), options, data
-        )
+        folder = Path(parent) / run_dir_name(procedure, seed)
+        run = train_run(experiment, procedure, seed, folder, options, data)
         if not run.reused:
             clock.add(procedure, time.perf_counter() - started)
         runs[procedure, seed] = run

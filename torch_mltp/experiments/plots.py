@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -169,12 +169,10 @@ def plot_accuracy(result: dict, path: Path) -> Path:
     return _save(accuracy_figure(result), path)
 
 
-def _alpha_procedures(result: dict) -> List[str]:
-    return [
-        procedure
-        for procedure in result["procedures"]
-        if all("alphas" in run["history"][0] for run in result["runs"][procedure].values())
-    ]
+def _procedures_logging(result: dict, logged: Callable[[List[dict]], bool]) -> List[str]:
+    """The procedures of ``result`` whose every run's history the test ``logged`` accepts."""
+    runs = result["runs"]
+    return [p for p in result["procedures"] if all(logged(run["history"]) for run in runs[p].values())]
 
 
 def _layers(result: dict, procedure: str) -> List[str]:
@@ -215,7 +213,7 @@ def alphas_figure(result: dict):
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
-    procedures = _alpha_procedures(result)
+    procedures = _procedures_logging(result, lambda history: "alphas" in history[0])
     if not procedures:
         return None
     order = layer_order(result, procedures)
@@ -228,13 +226,8 @@ def alphas_figure(result: dict):
                     result, procedure, lambda record, name=layer: np.mean(record["alphas"][name])
                 )
                 epochs = np.arange(1, values.shape[1] + 1)
-                axis.plot(
-                    epochs,
-                    values.mean(axis=0),
-                    marker=_marker(len(epochs)),
-                    color=colours[layer],
-                    label=layer,
-                )
+                mean = values.mean(axis=0)
+                axis.plot(epochs, mean, marker=_marker(len(epochs)), color=colours[layer], label=layer)
             axis.set_title(procedure)
             _epoch_axis(axis, "alpha", len(epochs))
             if len(order) <= MAX_LEGEND_LAYERS:
@@ -253,16 +246,6 @@ def plot_alphas(result: dict, path: Path) -> Optional[Path]:
     return None if figure is None else _save(figure, path)
 
 
-def _cosine_procedures(result: dict) -> List[str]:
-    return [
-        procedure
-        for procedure in result["procedures"]
-        if all(
-            "grad_cosine" in record for run in result["runs"][procedure].values() for record in run["history"]
-        )
-    ]
-
-
 def gradient_cosine_figure(result: dict):
     """The cosine similarity of the two tasks' gradients per epoch, one line per procedure that measured
     it in every epoch of every run (mean over the seeds; with more than one seed a band of ± one standard
@@ -275,7 +258,7 @@ def gradient_cosine_figure(result: dict):
     import matplotlib
     from matplotlib.figure import Figure
 
-    procedures = _cosine_procedures(result)
+    procedures = _procedures_logging(result, lambda history: all("grad_cosine" in r for r in history))
     if not procedures:
         return None
     with matplotlib.rc_context(FONTS):
@@ -310,6 +293,17 @@ def _mean_sd(values: Sequence[float]) -> tuple:
     return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else 0.0
 
 
+CHOSEN = {"marker": "o", "markersize": 14, "markerfacecolor": "none", "color": "black", "linestyle": "none"}
+"""How the budget figure circles the chosen budget."""
+
+
+def _error_bars(axis, rows: Sequence[dict], metric: str, **style) -> None:
+    """Each row's mean ± 1 sd of ``metric`` over the seeds against its training steps."""
+    points = [_mean_sd(row[metric]["per_seed"]) for row in rows]
+    steps = [row["steps"] for row in rows]
+    axis.errorbar(steps, [mean for mean, _ in points], yerr=[sd for _, sd in points], capsize=3, **style)
+
+
 def budget_figure(choices: dict):
     """Standard training's final validation and test accuracy against its number of steps, one panel per
     model and regime: the recipe's schedule scaled (lines) and the MNIST-1D authors' recipe (squares);
@@ -320,44 +314,20 @@ def budget_figure(choices: dict):
     with matplotlib.rc_context(FONTS):
         figure, axes = _grid(len(panels))
         for axis, (model, key, entry) in zip(axes, panels):
-            for colour, metric in (("C0", "val_acc"), ("C1", "test_acc")):
-                label = "validation" if metric == "val_acc" else "test"
-                scaled = [row for row in entry["rows"] if row["budget"] != "authors"]
-                points = [_mean_sd(row[metric]["per_seed"]) for row in scaled]
-                axis.errorbar(
-                    [row["steps"] for row in scaled],
-                    [mean for mean, _ in points],
-                    yerr=[sd for _, sd in points],
-                    color=colour,
-                    marker="o",
-                    capsize=3,
-                    label=f"{label}, recipe scaled",
-                )
+            scaled = [row for row in entry["rows"] if row["budget"] != "authors"]
+            for colour, metric, label in (("C0", "val_acc", "validation"), ("C1", "test_acc", "test")):
+                _error_bars(axis, scaled, metric, color=colour, marker="o", label=f"{label}, recipe scaled")
                 for row in entry["rows"]:
-                    mean, sd = _mean_sd(row[metric]["per_seed"])
                     if row["budget"] == "authors":
-                        axis.errorbar(
-                            row["steps"],
-                            mean,
-                            yerr=sd,
-                            color=colour,
-                            marker="s",
-                            capsize=3,
-                            linestyle="none",
-                            label=f"{label}, authors' recipe",
+                        authors = f"{label}, authors' recipe"
+                        _error_bars(
+                            axis, [row], metric, color=colour, marker="s", linestyle="none", label=authors
                         )
                     if row["budget"] == entry["budget"]["budget"] and metric == "val_acc":
                         axis.plot(
-                            row["steps"],
-                            mean,
-                            marker="o",
-                            markersize=14,
-                            markerfacecolor="none",
-                            color="black",
-                            linestyle="none",
-                            label="chosen",
+                            row["steps"], _mean_sd(row[metric]["per_seed"])[0], label="chosen", **CHOSEN
                         )
-            _steps_axis(axis, [row["steps"] for row in entry["rows"] if row["budget"] != "authors"])
+            _steps_axis(axis, [row["steps"] for row in scaled])
             axis.set_ylabel("final accuracy (%)")
             axis.set_title(f"{model}, {key}")
         _legend_below(figure, axes[0])
@@ -392,25 +362,11 @@ def cost_figure(analysis: dict):
                 name: (_mean_sd(arm["train_time_s"]), _mean_sd(arm["test_acc"])) for name, arm in arms.items()
             }
             curve = sorted((points[name] for name in STANDARD_ARMS), key=lambda point: point[0][0])
-            axis.plot(
-                [x for (x, _), _ in curve],
-                [y for _, (y, _) in curve],
-                color="grey",
-                linestyle="--",
-                label="standard over its budgets",
-            )
+            times, accuracies = [x for (x, _), _ in curve], [y for _, (y, _) in curve]
+            axis.plot(times, accuracies, color="grey", linestyle="--", label="standard over its budgets")
             for index, (name, ((x, x_sd), (y, y_sd))) in enumerate(points.items()):
-                axis.errorbar(
-                    x,
-                    y,
-                    xerr=x_sd,
-                    yerr=y_sd,
-                    marker="os^v<>Dp"[index % 8],
-                    color=f"C{index % 10}",
-                    capsize=3,
-                    linestyle="none",
-                    label=name,
-                )
+                style = {"marker": "os^v<>Dp"[index % 8], "color": f"C{index % 10}", "linestyle": "none"}
+                axis.errorbar(x, y, xerr=x_sd, yerr=y_sd, capsize=3, label=name, **style)
             axis.set_xlabel("training time per run (s)")
             axis.set_ylabel("final test accuracy (%)")
             axis.set_title(f"{model}, {key}")

@@ -49,19 +49,12 @@ def table_rows(
 ) -> List[TableRow]:
     """The experiments of one of the paper's tables, each with the paper's recipe and ``overrides``."""
     spec = TABLES[table]
-    return [
-        TableRow(
-            Experiment(
-                spec.dataset,
-                model,
-                recipe_for(spec.dataset, model).replace(**overrides),
-                limit_train_batches,
-                limit_test_batches,
-            ),
-            procedures,
-        )
-        for model, procedures in spec.rows
-    ]
+    rows = []
+    for model, procedures in spec.rows:
+        recipe = recipe_for(spec.dataset, model).replace(**overrides)
+        experiment = Experiment(spec.dataset, model, recipe, limit_train_batches, limit_test_batches)
+        rows.append(TableRow(experiment, procedures))
+    return rows
 
 
 def train_samples(experiment: Experiment) -> int:
@@ -121,13 +114,8 @@ def plan_lines(
     timing_steps: int,
 ) -> Iterator[str]:
     """What ``reproduce`` will run, whether its data set is under ``data_root`` and (``timing_steps > 0``)
-    roughly how long it takes on ``device``, line by line: each model's line comes as soon as it is
-    timed, so that a caller can show progress.
-
-    The estimate times one warm-up step and ``timing_steps`` steps of standard training per model on a
-    random batch, scales them by each procedure's :data:`STEP_COST` and multiplies by the steps of a run:
-    training only, on this machine with its current load.
-    """
+    roughly how long it takes on ``device`` (:func:`timing_lines`), line by line, so that a caller can
+    show progress."""
     settings = [(row.experiment, procedure) for row in rows for procedure in row.procedures]
     first = rows[0].experiment
     yield f"{table}: {TABLES[table].title}"
@@ -144,10 +132,20 @@ def plan_lines(
     if timing_steps <= 0:
         yield "no time estimate (--timing-steps 0)"
         return
+    yield from timing_lines(rows, seeds, device, timing_steps)
+
+
+def timing_lines(
+    rows: Sequence[TableRow], seeds: Sequence[int], device: torch.device, timing_steps: int
+) -> Iterator[str]:
+    """The time estimate, each model's line as soon as it is timed: one warm-up step and ``timing_steps``
+    steps of standard training per model on a random batch, scaled by each procedure's :data:`STEP_COST`
+    and multiplied by the steps of a run (training only, on this machine with its current load)."""
     cost = STEP_COST["cuda" if device.type == "cuda" else "cpu"]
+    batch = rows[0].experiment.recipe.batch_size
     yield (
         f"timing {len(rows)} models: {timing_steps} step(s) of standard training each on a random batch of "
-        f"{first.recipe.batch_size} after a warm-up step (--timing-steps sets how many); a step of "
+        f"{batch} after a warm-up step (--timing-steps sets how many); a step of "
         + ", ".join(
             f"{procedure} counted as {cost[procedure]:g}" for procedure in cost if procedure != BASELINE
         )

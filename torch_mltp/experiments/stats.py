@@ -7,6 +7,7 @@ pair is free of the variation between seeds.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
@@ -82,6 +83,18 @@ def sign_flip_test(differences: Sequence[float]) -> SignFlipTest:
     return SignFlipTest(float(result.pvalue), None if exact else SIGN_FLIP_DRAWS)
 
 
+def _differences(baseline: Sequence[float], treatment: Sequence[float], caller: str) -> np.ndarray:
+    """``treatment[k] - baseline[k]`` per seed ``k``; ``ValueError`` unless both hold one value per seed."""
+    if len(baseline) != len(treatment) or not baseline:
+        raise ValueError(f"{caller} needs two equally long, non-empty sequences (one value per seed)")
+    return np.asarray(treatment, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
+
+
+def _constant(differences: np.ndarray) -> bool:
+    """Whether the differences are all the same (up to rounding): a t-test of them is undefined."""
+    return bool(np.ptp(differences) <= 1e-12 * np.abs(differences).max(initial=0.0))
+
+
 @dataclass(frozen=True)
 class PairedDifference:
     """Mean of ``treatment - baseline`` over paired seeds, its two-sided Student-t interval and the
@@ -99,16 +112,7 @@ class PairedDifference:
     """``None``: the sign-flip p-value is exact; else the number of random sign patterns."""
 
     def to_dict(self) -> dict:
-        return {
-            "mean": self.mean,
-            "low": self.low,
-            "high": self.high,
-            "n": self.n,
-            "confidence": self.confidence,
-            "p_t": self.p_t,
-            "p_sign_flip": self.p_sign_flip,
-            "sign_flip_draws": self.sign_flip_draws,
-        }
+        return dataclasses.asdict(self)
 
 
 def paired_difference(
@@ -120,18 +124,14 @@ def paired_difference(
     no interval (``low`` and ``high`` are ``None``) and no t-test; when every difference is the same the
     interval has width 0 and the t-test is undefined (``p_t`` is ``None``).
     """
-    if len(baseline) != len(treatment) or not baseline:
-        raise ValueError("paired_difference needs two equally long, non-empty sequences (one value per seed)")
-    differences = [t - b for b, t in zip(baseline, treatment)]
+    differences = _differences(baseline, treatment, "paired_difference")
     mean, std = mean_std(differences)
     n = len(differences)
     flips = sign_flip_test(differences)
     if n == 1:
         return PairedDifference(mean, None, None, n, confidence, None, flips.p_value, flips.draws)
     half_width = float(stats.t.ppf(0.5 + confidence / 2.0, n - 1)) * std / math.sqrt(n)
-    p_t = None
-    if max(differences) - min(differences) > 1e-12 * max(abs(d) for d in differences):
-        p_t = float(stats.ttest_rel(treatment, baseline).pvalue)
+    p_t = None if _constant(differences) else float(stats.ttest_rel(treatment, baseline).pvalue)
     return PairedDifference(
         mean, mean - half_width, mean + half_width, n, confidence, p_t, flips.p_value, flips.draws
     )
@@ -160,9 +160,7 @@ def non_inferiority_p(
     """One-sided paired t-test of ``mean(treatment - baseline) <= -margin`` against ``> -margin``: a small
     p-value says the treatment is not worse than the baseline by ``margin`` or more. ``None`` with fewer
     than two pairs or identical differences (no test)."""
-    if len(baseline) != len(treatment) or not baseline:
-        raise ValueError("non_inferiority_p needs two equally long, non-empty sequences (one value per seed)")
-    differences = np.asarray(treatment, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
-    if differences.size < 2 or np.ptp(differences) <= 1e-12 * np.abs(differences).max(initial=0.0):
+    differences = _differences(baseline, treatment, "non_inferiority_p")
+    if differences.size < 2 or _constant(differences):
         return None
     return float(stats.ttest_1samp(differences, -margin, alternative="greater").pvalue)

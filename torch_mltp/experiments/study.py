@@ -1,19 +1,17 @@
 """The study "does MLTP improve generalisation on MNIST-1D?" as a list of ``torch-mltp compare`` commands.
 
 ``python -m torch_mltp.experiments.study`` runs them one after another from the repository root: the runs
-(with their checkpoints) go to ``runs/study/<name>/``, and the summary of each comparison (results.json
-without the per-epoch histories, table.md and, for the four main comparisons, the figures) is copied to
-``docs/results/<name>/``. Each sensitivity sweep also gets one table over its values in
-``docs/results/sweep-<model>-<knob>/table.md``.
-Options it does not know (``--seeds 0 --epochs 1 --limit-train-batches 2``, ``--data-root``) are
-options of ``torch-mltp compare`` that apply to every comparison, so that the same driver runs as a quick
-smoke test. ``--list`` prints the
-commands without running them. A comparison that fails is reported and the next one runs.
+(with their checkpoints) go to ``runs/study/<name>/``, each comparison's summary (results.json without the
+per-epoch histories, table.md and, for the four main comparisons, the figures) to ``docs/results/<name>/``,
+and each sensitivity sweep's table over its values to ``docs/results/sweep-<model>-<knob>/table.md``.
+Options it does not know (``--seeds 0 --epochs 1 --limit-train-batches 2``, ``--data-root``) are options
+of ``torch-mltp compare`` for every comparison, so that the same driver runs as a quick smoke test.
+``--list`` prints the commands without running them. A comparison that fails is reported and the next
+one runs.
 
-The sensitivity sweeps vary one MLTP setting at a time: every setting on the MLP, and on the CNN (4,000 and
-1,000 samples), whose learned alphas turn negative, the alphas kept >= 0. Standard training does not use
-these settings, so every sweep takes its standard runs from its main comparison (``--baseline-dir``), and
-the sweep's preset value is not run again: its rows are the main comparison's.
+The sweeps vary one MLTP setting at a time: every setting on the MLP, and on the CNN (4,000 and 1,000
+samples), whose learned alphas turn negative, the alphas kept >= 0. Standard training does not use these
+settings: every sweep takes its standard runs, and its preset value's rows, from its main comparison.
 """
 
 from __future__ import annotations
@@ -56,10 +54,7 @@ LOW_DATA = {"train_samples": 1000, "epochs": 150, "milestones": (100,)}
 its plateau, as the preset's 100 epochs of 32 steps do on the 4,000."""
 SUMMARY_FILES = ("table.md", "accuracy.png", "alphas.png", "grad_cosine.png")
 """What a comparison's summary holds besides results.json (the figures last)."""
-SWEEP_PROCEDURES = ("standard", "mltp", "mltp_fo")
 RECIPE_FIELDS = frozenset(f.name for f in dataclasses.fields(Recipe))
-RUN_SETTINGS = ("steps_scale", "cosine_every")
-"""Settings of a comparison besides the recipe's fields: ``--steps-scale`` and ``--cosine-every``."""
 
 
 def value_text(name: str, value: Any) -> str:
@@ -79,6 +74,11 @@ def option_words(settings: Mapping[str, Any]) -> List[str]:
     return words
 
 
+def data_root(given: Optional[str]) -> str:
+    """The data folder as ``torch-mltp`` finds it: ``given``, else ``$TORCH_MLTP_DATA``, else the default."""
+    return given or os.environ.get(DATA_ROOT_ENV) or DEFAULT_DATA_ROOT
+
+
 @dataclass(frozen=True)
 class Comparison:
     """One comparison of a study: procedures x seeds of one MNIST-1D model on the model's recipe with
@@ -88,8 +88,8 @@ class Comparison:
     model: str
     procedures: Tuple[str, ...]
     settings: Mapping[str, Any] = field(default_factory=dict)
-    """Recipe overrides (fields of ``Recipe``) and :data:`RUN_SETTINGS`, by the names of the options of
-    ``torch-mltp compare``, in the order of its command line."""
+    """Recipe overrides (fields of ``Recipe``), ``steps_scale`` and ``cosine_every``, by the names of the
+    options of ``torch-mltp compare``, in the order of its command line."""
     baseline: Optional[str] = None
     """The comparison whose standard runs this one shares (``--baseline-dir``)."""
     figures: bool = True
@@ -105,6 +105,10 @@ class Comparison:
             words += ["--baseline-dir", str(runs_root / self.baseline)]
         return shlex.join(words)
 
+    def settings_with(self, args: argparse.Namespace) -> Dict[str, Any]:
+        """The comparison's settings, overridden by the options given on the command line."""
+        return {**self.settings, **{name: getattr(args, name) for name in args.given}}
+
 
 def compare_options(extra: Sequence[str]) -> argparse.Namespace:
     """``extra`` read as options of ``torch-mltp compare``; ``given``: the names of those that differ from
@@ -119,7 +123,7 @@ def compare_options(extra: Sequence[str]) -> argparse.Namespace:
 def experiment_of(comparison: Comparison, args: argparse.Namespace) -> Experiment:
     """The comparison's recipe with its settings and then the given options applied (as the command line
     applies them: ``--steps-scale`` last)."""
-    settings = {**comparison.settings, **{name: getattr(args, name) for name in args.given}}
+    settings = comparison.settings_with(args)
     overrides = {
         name: tuple(value) if isinstance(value, list) else value
         for name, value in settings.items()
@@ -133,11 +137,10 @@ def experiment_of(comparison: Comparison, args: argparse.Namespace) -> Experimen
 
 def run_options(comparison: Comparison, args: argparse.Namespace) -> RunOptions:
     """How ``torch-mltp compare`` with the given options runs the comparison."""
-    cosine_every = comparison.settings.get("cosine_every", args.cosine_every)
     return dataclasses.replace(
         cli_run_options(args, log_epochs=False),
-        data_root=args.data_root or os.environ.get(DATA_ROOT_ENV) or DEFAULT_DATA_ROOT,
-        cosine_every=args.cosine_every if "cosine_every" in args.given else cosine_every,
+        data_root=data_root(args.data_root),
+        cosine_every=comparison.settings_with(args).get("cosine_every", args.cosine_every),
     )
 
 
@@ -162,23 +165,16 @@ def run_comparison(comparison: Comparison, runs_root: Path, args: argparse.Names
     write_outputs(runs_root / comparison.name, [result])
 
 
-def _main_comparison(
-    model: str, procedures: Tuple[str, ...], regime: Dict[str, Any], samples: int
-) -> Comparison:
-    short = model.replace("mnist1d_", "")
-    return Comparison(f"{short}-n{samples}", model, procedures, regime)
-
-
 MLP_PROCEDURES = ("standard", "mltp", "mltp_fo")
 """Every layer of the MLP is an ``nn.Linear``: ``mltp_fc`` is ``mltp`` there (bit-identical runs), and
 ``mltp_conv`` has no layer to act on."""
 CNN_PROCEDURES = ("standard", "mltp", "mltp_conv", "mltp_fc", "mltp_fo")
-MAIN = (
-    _main_comparison("mnist1d_mlp", MLP_PROCEDURES, {}, 4000),
-    _main_comparison("mnist1d_cnn", CNN_PROCEDURES, {}, 4000),
-    _main_comparison("mnist1d_mlp", MLP_PROCEDURES, LOW_DATA, 1000),
-    _main_comparison("mnist1d_cnn", CNN_PROCEDURES, LOW_DATA, 1000),
+MAIN = tuple(
+    Comparison(f"{short}-n{samples}", f"mnist1d_{short}", procedures, regime)
+    for samples, regime in ((4000, {}), (1000, LOW_DATA))
+    for short, procedures in (("mlp", MLP_PROCEDURES), ("cnn", CNN_PROCEDURES))
 )
+"""The main comparisons: the MLP and the CNN on 4,000 and on 1,000 training samples."""
 
 
 @dataclass(frozen=True)
@@ -186,22 +182,26 @@ class Sweep:
     """One MLTP setting (a field of ``Recipe``) varied over ``values`` with the model and data of the main
     comparison ``main``, whose standard runs it shares; ``preset`` is that comparison's value of it."""
 
-    knob: str
     setting: str
     preset: Any
     values: Tuple[Any, ...]
     main: Comparison = MAIN[0]
-    procedures: Tuple[str, ...] = SWEEP_PROCEDURES
+    procedures: Tuple[str, ...] = MLP_PROCEDURES
     prefix: str = "mlp"
-    """The comparisons are named ``<prefix>-<knob>-<value>``, the table ``sweep-<prefix>-<knob>``."""
+    """The comparisons are named ``<prefix>-<knob>-<value>``, the table ``sweep-<prefix>-<knob>``, where
+    the knob is the setting's option (``alpha-mean``)."""
+
+    @property
+    def stem(self) -> str:
+        return f"{self.prefix}-{self.setting.replace('_', '-')}"
 
     @property
     def name(self) -> str:
-        return f"sweep-{self.prefix}-{self.knob}"
+        return f"sweep-{self.stem}"
 
     def comparison(self, value: Any) -> Comparison:
         return Comparison(
-            f"{self.prefix}-{self.knob}-{value_text(self.setting, value)}",
+            f"{self.stem}-{value_text(self.setting, value)}",
             self.main.model,
             self.procedures,
             {**self.main.settings, self.setting: value},
@@ -216,20 +216,12 @@ class Sweep:
 CNN_SWEEP_PROCEDURES = ("standard", "mltp", "mltp_conv", "mltp_fo")
 """The procedures whose alphas turn negative on the CNN (``mltp_fc``'s do not)."""
 SWEEPS = (
-    Sweep("eta", "eta", 1.0, (0.5, 2.0)),
-    Sweep("alpha-mean", "alpha_mean", 0.001, (0.01, 0.05, 0.2)),
-    Sweep("alpha-policy", "alpha_policy", "learned", ("nonnegative", "fixed")),
-    Sweep("alpha-lr", "alpha_lr", "tied", (0.001, 0.0001)),
+    Sweep("eta", 1.0, (0.5, 2.0)),
+    Sweep("alpha_mean", 0.001, (0.01, 0.05, 0.2)),
+    Sweep("alpha_policy", "learned", ("nonnegative", "fixed")),
+    Sweep("alpha_lr", "tied", (0.001, 0.0001)),
     *(
-        Sweep(
-            "alpha-policy",
-            "alpha_policy",
-            "learned",
-            ("nonnegative",),
-            main=main,
-            procedures=CNN_SWEEP_PROCEDURES,
-            prefix=main.name,
-        )
+        Sweep("alpha_policy", "learned", ("nonnegative",), main, CNN_SWEEP_PROCEDURES, prefix=main.name)
         for main in (MAIN[1], MAIN[3])
     ),
 )
@@ -242,15 +234,23 @@ def comparisons() -> List[Comparison]:
     return [*MAIN, *(sweep.comparison(value) for sweep in SWEEPS for value in sweep.values)]
 
 
+def write_text(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    return write_text(path, json.dumps(payload, indent=2) + "\n")
+
+
 def write_summary(run_folder: Path, results_folder: Path, figures: bool = True) -> List[Path]:
     """Copy a comparison's summary from ``run_folder`` to ``results_folder``: results.json without the
     per-epoch histories of the runs (they stay in ``run_folder``), table.md and (``figures``) the
     figures."""
-    results_folder.mkdir(parents=True, exist_ok=True)
     result = json.loads((run_folder / "results.json").read_text())
     result.pop("runs", None)
-    written = [results_folder / "results.json"]
-    written[0].write_text(json.dumps(result, indent=2) + "\n")
+    written = [write_json(results_folder / "results.json", result)]
     for name in SUMMARY_FILES if figures else SUMMARY_FILES[:1]:
         if (run_folder / name).exists():
             written.append(Path(shutil.copy2(run_folder / name, results_folder / name)))
@@ -282,9 +282,7 @@ def run_study(
     for sweep in SWEEPS:
         table = sweep_table(sweep, results_root)
         if table is not None:
-            folder = results_root / sweep.name
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "table.md").write_text(table)
+            write_text(results_root / sweep.name / "table.md", table)
     return failed
 
 
@@ -303,10 +301,7 @@ def claimed(lock: Path) -> Iterator[bool]:
         except BlockingIOError:
             yield False
             return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield True  # closing the file releases the lock
 
 
 def named(selected: Sequence[Comparison], names: Optional[Sequence[str]]) -> List[Comparison]:
@@ -316,10 +311,8 @@ def named(selected: Sequence[Comparison], names: Optional[Sequence[str]]) -> Lis
         return list(selected)
     unknown = sorted(set(names) - {comparison.name for comparison in selected})
     if unknown:
-        raise ValueError(
-            f"unknown comparison(s) {', '.join(unknown)}; choose from "
-            + ", ".join(comparison.name for comparison in selected)
-        )
+        choices = ", ".join(comparison.name for comparison in selected)
+        raise ValueError(f"unknown comparison(s) {', '.join(unknown)}; choose from {choices}")
     return [comparison for comparison in selected if comparison.name in names]
 
 
@@ -350,18 +343,25 @@ def run_comparisons(
     return failed
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def driver_parser(module: str, about: str, runs: str, results: str, only: str) -> argparse.ArgumentParser:
+    """The command line of a study's driver ``module``: ``--only`` (help ``only``), ``--runs-root``
+    (default ``runs``) and ``--results-root`` (default ``results``: the summaries)."""
     parser = argparse.ArgumentParser(
-        prog="python -m torch_mltp.experiments.study",
-        description="Run the MNIST-1D study's comparisons one after another (see docs/results.md). "
-        "Other options are options of torch-mltp compare for every comparison.",
+        prog=f"python -m torch_mltp.experiments.{module}",
+        description=f"{about} Other options are options of torch-mltp compare for every comparison.",
     )
-    parser.add_argument("--list", action="store_true", help="print the commands and exit")
-    parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these comparisons")
-    parser.add_argument("--runs-root", type=Path, default=Path("runs/study"), help="default: runs/study")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help=only)
+    parser.add_argument("--runs-root", type=Path, default=Path(runs), help=f"default: {runs}")
     parser.add_argument(
-        "--results-root", type=Path, default=Path("docs/results"), help="summaries; default: docs/results"
+        "--results-root", type=Path, default=Path(results), help=f"summaries; default: {results}"
     )
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    about = "Run the MNIST-1D study's comparisons one after another (see docs/results.md)."
+    parser = driver_parser("study", about, "runs/study", "docs/results", "run only these comparisons")
+    parser.add_argument("--list", action="store_true", help="print the commands and exit")
     args, extra = parser.parse_known_args(argv)
     try:
         selected = named(comparisons(), args.only)

@@ -13,6 +13,7 @@ from ..recipes import TRAIN_SET_SIZES
 from ..stats import holm, non_inferiority_p, paired_difference
 from .design import (
     ARMS,
+    CELLS,
     HYPOTHESES,
     LEVEL,
     MARGIN,
@@ -60,44 +61,34 @@ def budget_rows(results_root: Path, model: str, samples: int) -> Optional[List[d
         if result is None:
             return None
         entry = result["summary"]["standard"]
-        rows.append(
-            {
-                "budget": budget.name,
-                "label": budget.label,
-                "settings": budget.settings,
-                "steps": steps_per_run(result),
-                "val_acc": entry["val_acc"],
-                "test_acc": entry["test_acc"],
-                "train_time_s": entry["train_time_s"],
-            }
-        )
+        steps = steps_per_run(result)
+        row = {"budget": budget.name, "label": budget.label, "settings": budget.settings, "steps": steps}
+        rows.append({**row, **{key: entry[key] for key in ("val_acc", "test_acc", "train_time_s")}})
     return rows
 
 
 def choose_budgets(results_root: Path) -> Optional[dict]:
     """Each model's and regime's budget rows and the chosen one (:func:`pick` by steps); ``None`` while a
     summary is missing."""
-    chosen = {}
-    for model in MODELS:
-        for samples in SAMPLES:
-            rows = budget_rows(results_root, model, samples)
-            if rows is None:
-                return None
-            chosen.setdefault(model, {})[regime(samples)] = {"rows": rows, "budget": pick(rows, "steps")}
+    chosen: dict = {model: {} for model in MODELS}
+    for model, samples in CELLS:
+        rows = budget_rows(results_root, model, samples)
+        if rows is None:
+            return None
+        chosen[model][regime(samples)] = {"rows": rows, "budget": pick(rows, "steps")}
     return chosen
 
 
 def choose_rhos(results_root: Path, choices: dict) -> Optional[dict]:
     """Each model's and regime's radius (:func:`pick` by radius); ``None`` while a summary is missing."""
-    for model in MODELS:
-        for samples in SAMPLES:
-            rows = []
-            for rho in RHO_GRID:
-                result = summary(results_root, f"rho-{short(model)}-{regime(samples)}-{rho:g}")
-                if result is None:
-                    return None
-                rows.append({"value": rho, "val_acc": result["summary"]["sam"]["val_acc"], "rho": rho})
-            choices[model][regime(samples)]["rho"] = {"rows": rows, **pick(rows, "rho")}
+    for model, samples in CELLS:
+        rows = []
+        for rho in RHO_GRID:
+            result = summary(results_root, f"rho-{short(model)}-{regime(samples)}-{rho:g}")
+            if result is None:
+                return None
+            rows.append({"value": rho, "val_acc": result["summary"]["sam"]["val_acc"], "rho": rho})
+        choices[model][regime(samples)]["rho"] = {"rows": rows, **pick(rows, "rho")}
     return choices
 
 

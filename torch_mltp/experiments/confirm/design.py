@@ -42,6 +42,10 @@ def regime(samples: int) -> str:
     return f"n{samples}"
 
 
+CELLS = tuple((model, samples) for model in MODELS for samples in SAMPLES)
+"""Each model in each regime, in the order of the phases' comparisons."""
+
+
 @dataclass(frozen=True)
 class Budget:
     """A candidate schedule of standard training in one regime: recipe overrides."""
@@ -63,19 +67,14 @@ def budgets(samples: int) -> List[Budget]:
     """The candidates of one regime: the current recipe's epochs and milestones times each of
     :data:`BUDGET_SCALES` (rounded, halves up), then the MNIST-1D authors' recipe."""
     epochs, milestones = PRESET[samples]
+    preset = recipe_for("mnist1d", MODELS[0]).replace(epochs=epochs, milestones=milestones)
     subset = {"train_samples": samples} if samples != TRAIN_SET_SIZES["mnist1d"] else {}
-    candidates = []
-    for scale in BUDGET_SCALES:
-        scaled = recipe_for("mnist1d", MODELS[0]).replace(epochs=epochs, milestones=milestones).scaled(scale)
-        candidates.append(
-            Budget(f"{scale:g}x", {**subset, "epochs": scaled.epochs, "milestones": scaled.milestones})
-        )
-    authors = {
-        "batch_size": AUTHORS_BATCH,
-        "epochs": AUTHORS_STEPS * AUTHORS_BATCH // samples,
-        "milestones": (),
-    }
-    return [*candidates, Budget("authors", {**subset, **authors})]
+    candidates = [
+        Budget(f"{scale:g}x", {**subset, "epochs": scaled.epochs, "milestones": scaled.milestones})
+        for scale, scaled in zip(BUDGET_SCALES, map(preset.scaled, BUDGET_SCALES))
+    ]
+    steps = {"batch_size": AUTHORS_BATCH, "epochs": AUTHORS_STEPS * AUTHORS_BATCH // samples}
+    return [*candidates, Budget("authors", {**subset, **steps, "milestones": ()})]
 
 
 def chosen_budget(choices: dict, model: str, samples: int) -> Budget:
@@ -91,6 +90,7 @@ def chosen_budget(choices: dict, model: str, samples: int) -> Budget:
 
 
 def budget_comparisons(tuning_seeds: Sequence[int]) -> List[Comparison]:
+    """Standard training with each candidate budget, on the validation split."""
     return [
         Comparison(
             f"budget-{short(model)}-{regime(samples)}-{budget.name}",
@@ -100,8 +100,7 @@ def budget_comparisons(tuning_seeds: Sequence[int]) -> List[Comparison]:
             figures=False,
             seeds=tuple(tuning_seeds),
         )
-        for model in MODELS
-        for samples in SAMPLES
+        for model, samples in CELLS
         for budget in budgets(samples)
     ]
 
@@ -128,15 +127,14 @@ def rho_comparisons(choices: dict, cost: dict, tuning_seeds: Sequence[int]) -> L
             figures=False,
             seeds=tuple(tuning_seeds),
         )
-        for model in MODELS
-        for samples in SAMPLES
+        for model, samples in CELLS
         for rho in RHO_GRID
     ]
 
 
 @dataclass(frozen=True)
 class Arm:
-    """One arm of the confirmatory runs: a procedure in a comparison of the ``run`` phase."""
+    """One arm of the confirmatory runs: a procedure in a comparison (a group) of the ``run`` phase."""
 
     name: str
     group: str
@@ -156,18 +154,18 @@ ARMS = (
 """The arms of each model and regime, in the order of the tables."""
 
 
-def _groups(choices: dict, cost: dict, model: str, key: str) -> list:
-    """The groups of the confirmatory runs of a model and regime: name, procedures, settings."""
+def group_settings(choices: dict, cost: dict, model: str, key: str) -> Dict[str, dict]:
+    """The settings of each group of the confirmatory runs of a model and regime, besides the budget."""
     ratios = cost[model][key]["ratio"]
-    rho = choices[model][key]["rho"]["value"]
-    return [
-        ("main", ("standard", "mltp_fo", "mltp"), {}),
-        ("alpha-nonnegative", ("mltp_fo",), {"alpha_policy": "nonnegative"}),
-        ("alpha-nonpositive", ("mltp_fo",), {"alpha_policy": "nonpositive"}),
-        ("standard-cost-mltp_fo", ("standard",), {"steps_scale": ratios["mltp_fo"]}),
-        ("standard-cost-mltp", ("standard",), {"steps_scale": ratios["mltp"]}),
-        ("sam-cost-mltp_fo", ("sam",), {"steps_scale": sam_scale(cost[model][key]), "sam_rho": rho}),
-    ]
+    sam = {"steps_scale": sam_scale(cost[model][key]), "sam_rho": choices[model][key]["rho"]["value"]}
+    return {
+        "main": {},
+        "alpha-nonnegative": {"alpha_policy": "nonnegative"},
+        "alpha-nonpositive": {"alpha_policy": "nonpositive"},
+        "standard-cost-mltp_fo": {"steps_scale": ratios["mltp_fo"]},
+        "standard-cost-mltp": {"steps_scale": ratios["mltp"]},
+        "sam-cost-mltp_fo": sam,
+    }
 
 
 def confirmatory_comparisons(choices: dict, cost: dict, confirm_seeds: Sequence[int]) -> List[Comparison]:
@@ -177,14 +175,13 @@ def confirmatory_comparisons(choices: dict, cost: dict, confirm_seeds: Sequence[
         Comparison(
             f"{short(model)}-{regime(samples)}-{group}",
             model,
-            procedures,
+            tuple(arm.procedure for arm in ARMS if arm.group == group),
             {**chosen_budget(choices, model, samples).overrides, **COMMON, **settings},
             figures=False,
             seeds=tuple(confirm_seeds),
         )
-        for model in MODELS
-        for samples in SAMPLES
-        for group, procedures, settings in _groups(choices, cost, model, regime(samples))
+        for model, samples in CELLS
+        for group, settings in group_settings(choices, cost, model, regime(samples)).items()
     ]
 
 

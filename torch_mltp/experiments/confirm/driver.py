@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -20,14 +19,14 @@ from torch_mltp.data import load_dataset
 from ..cli import DATA_ROOT_ENV, DEFAULT_DATA_ROOT, messages_to_stdout
 from ..cost import step_costs
 from ..recipes import recipe_for
-from ..study import Comparison, named, run_comparisons
+from ..study import Comparison, data_root, driver_parser, named, run_comparisons, write_json, write_text
 from ..training import Experiment, versions
 from .analysis import analyse, choose_budgets, choose_rhos
 from .design import (
+    CELLS,
     CONFIRM_SEEDS,
     COST_PROCEDURES,
     MODELS,
-    SAMPLES,
     TUNING_SEEDS,
     budget_comparisons,
     chosen_budget,
@@ -47,22 +46,6 @@ def _read(path: Path, what: str) -> dict:
     return json.loads(path.read_text())
 
 
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    _write(path, json.dumps(payload, indent=2) + "\n")
-
-
-def _choices_with_rhos(root: Path) -> dict:
-    choices = _read(root / "choices.json", "budget and rho")
-    if not all("rho" in entry for regimes in choices.values() for entry in regimes.values()):
-        raise SystemExit(f"{root / 'choices.json'} holds no radius yet: run the rho phase first")
-    return choices
-
-
 def measure_cost(choices: dict, steps: int, rounds: int, data_root: str) -> dict:
     """Seconds per training step of each of :data:`COST_PROCEDURES` at each chosen recipe's batch size, on
     the CPU with one thread, as the runs train (``cost.step_costs``: the median of ``rounds`` rounds of
@@ -71,20 +54,17 @@ def measure_cost(choices: dict, steps: int, rounds: int, data_root: str) -> dict
     data = load_dataset("mnist1d", data_root)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    cost = {}
+    cost: dict = {model: {} for model in MODELS}
     try:
-        for model in MODELS:
-            for samples in SAMPLES:
-                batch = chosen_budget(choices, model, samples).overrides.get("batch_size", 128)
-                experiment = Experiment(
-                    "mnist1d", model, recipe_for("mnist1d", model).replace(batch_size=batch)
-                )
-                costs = step_costs(experiment, COST_PROCEDURES, data, steps, rounds, torch.device("cpu"))
-                cost.setdefault(model, {})[regime(samples)] = {
-                    "batch_size": batch,
-                    "seconds_per_step": {p: entry["seconds_per_step"] for p, entry in costs.items()},
-                    "ratio": {p: entry["ratio"] for p, entry in costs.items()},
-                }
+        for model, samples in CELLS:
+            batch = chosen_budget(choices, model, samples).overrides.get("batch_size", 128)
+            experiment = Experiment("mnist1d", model, recipe_for("mnist1d", model).replace(batch_size=batch))
+            costs = step_costs(experiment, COST_PROCEDURES, data, steps, rounds, torch.device("cpu"))
+            cost[model][regime(samples)] = {
+                "batch_size": batch,
+                "seconds_per_step": {p: entry["seconds_per_step"] for p, entry in costs.items()},
+                "ratio": {p: entry["ratio"] for p, entry in costs.items()},
+            }
     finally:
         torch.set_num_threads(previous_threads)
     return cost
@@ -96,23 +76,22 @@ def finish_budget(args: argparse.Namespace) -> bool:
     choices = choose_budgets(args.results_root)
     if choices is None:
         return False
-    _write_json(args.results_root / "choices.json", choices)
-    _write(args.results_root / "budget.md", budget_table(choices))
+    write_json(args.results_root / "choices.json", choices)
+    write_text(args.results_root / "budget.md", budget_table(choices))
     plot_budget_curves(choices, args.results_root / "budget.png")
     return True
 
 
 def finish_cost(args: argparse.Namespace) -> bool:
-    data_root = args.data_root or os.environ.get(DATA_ROOT_ENV) or DEFAULT_DATA_ROOT
     choices = _read(args.results_root / "choices.json", "budget")
-    cost = measure_cost(choices, args.cost_steps, args.cost_rounds, data_root)
+    cost = measure_cost(choices, args.cost_steps, args.cost_rounds, data_root(args.data_root))
     cost["about"] = {
         "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "steps": args.cost_steps,
         "rounds": args.cost_rounds,
         "versions": versions(),
     }
-    _write_json(args.results_root / "cost.json", cost)
+    write_json(args.results_root / "cost.json", cost)
     return True
 
 
@@ -120,8 +99,8 @@ def finish_rho(args: argparse.Namespace) -> bool:
     choices = choose_rhos(args.results_root, _read(args.results_root / "choices.json", "budget"))
     if choices is None:
         return False
-    _write_json(args.results_root / "choices.json", choices)
-    _write(args.results_root / "rho.md", rho_table(choices))
+    write_json(args.results_root / "choices.json", choices)
+    write_text(args.results_root / "rho.md", rho_table(choices))
     return True
 
 
@@ -134,9 +113,9 @@ def finish_analysis(args: argparse.Namespace) -> bool:
         log.info("runs missing for %s: not analysed yet", ", ".join(analysis["pending"]))
     if not analysis["families"]:
         return False
-    _write_json(args.results_root / "results.json", analysis)
+    write_json(args.results_root / "results.json", analysis)
     for model, regimes in analysis["families"].items():
-        _write(args.results_root / f"{short(model)}.md", family_table(model, regimes))
+        write_text(args.results_root / f"{short(model)}.md", family_table(model, regimes))
     plot_cost(analysis, args.results_root / "cost.png")
     return not analysis["pending"]
 
@@ -158,8 +137,11 @@ def _rho_comparisons(args: argparse.Namespace) -> List[Comparison]:
 
 
 def _run_comparisons(args: argparse.Namespace) -> List[Comparison]:
+    choices = _read(args.results_root / "choices.json", "budget and rho")
+    if not all("rho" in entry for regimes in choices.values() for entry in regimes.values()):
+        raise SystemExit(f"{args.results_root / 'choices.json'} holds no radius yet: run the rho phase first")
     cost = _read(args.results_root / "cost.json", "cost")
-    return confirmatory_comparisons(_choices_with_rhos(args.results_root), cost, args.confirm_seeds)
+    return confirmatory_comparisons(choices, cost, args.confirm_seeds)
 
 
 PHASE_STEPS = {
@@ -217,33 +199,19 @@ def run_phase(phase: Phase, args: argparse.Namespace, extra: Sequence[str]) -> O
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m torch_mltp.experiments.confirm",
-        description="The confirmatory MNIST-1D study (docs/results.md). Other options are options of "
-        "torch-mltp compare for every comparison.",
+    only = (
+        "with budget, rho, run or list: only these comparisons (to train them again, remove their folders "
+        "under the runs root first)"
     )
+    about = "The confirmatory MNIST-1D study (docs/results.md)."
+    parser = driver_parser("confirm", about, "runs/confirm", "docs/results/confirm", only)
     parser.add_argument("phase", choices=(*PHASES, "all", "list"))
     parser.add_argument("--phase-list", choices=TRAINING_PHASES, help="with list: the phase to list")
-    parser.add_argument("--runs-root", type=Path, default=Path("runs/confirm"), help="default: runs/confirm")
-    parser.add_argument(
-        "--results-root",
-        type=Path,
-        default=Path("docs/results/confirm"),
-        help="summaries and choices; default: docs/results/confirm",
-    )
-    parser.add_argument("--tuning-seeds", type=int, nargs="+", default=list(TUNING_SEEDS), help="default 0-9")
-    parser.add_argument(
-        "--confirm-seeds", type=int, nargs="+", default=list(CONFIRM_SEEDS), help="default 100-129"
-    )
+    seeds = {"type": int, "nargs": "+"}
+    parser.add_argument("--tuning-seeds", default=list(TUNING_SEEDS), help="default 0-9", **seeds)
+    parser.add_argument("--confirm-seeds", default=list(CONFIRM_SEEDS), help="default 100-129", **seeds)
     parser.add_argument(
         "--shard", type=_parse_shard, metavar="K/N", help="run every N-th comparison from the K-th"
-    )
-    parser.add_argument(
-        "--only",
-        nargs="+",
-        metavar="NAME",
-        help="with budget, rho, run or list: only these comparisons (to train them again, remove their "
-        "folders under the runs root first)",
     )
     parser.add_argument("--cost-steps", type=int, default=100, help="steps per timing (default 100)")
     parser.add_argument("--cost-rounds", type=int, default=5, help="timings per procedure (default 5)")

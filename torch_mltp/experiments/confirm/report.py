@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import statistics
+from statistics import fmean as mean
 from typing import List
 
 from ..tables import interval_text, markdown, mean_sd_text, p_text
@@ -18,30 +18,21 @@ FAMILY_NOTE = (
 )
 
 
+def _claim_cells(entry: dict) -> List[str]:
+    return [entry["name"], entry["claim"], interval_text(entry)]
+
+
 def regime_tables(result: dict) -> List[str]:
     """One regime of a family: its arms, hypotheses and secondary comparisons."""
     arms = [
-        [
-            name,
-            str(arm["steps"]),
-            mean_sd_text(arm["test_acc"]),
-            f"{statistics.fmean(arm['train_time_s']):.1f}",
-        ]
+        [name, str(arm["steps"]), mean_sd_text(arm["test_acc"]), f"{mean(arm['train_time_s']):.1f}"]
         for name, arm in result["arms"].items()
     ]
     hypotheses = [
-        [
-            e["name"],
-            e["claim"],
-            interval_text(e),
-            e["test"],
-            p_text(e["p"]),
-            p_text(e["p_holm"]),
-            e["verdict"],
-        ]
+        [*_claim_cells(e), e["test"], p_text(e["p"]), p_text(e["p_holm"]), e["verdict"]]
         for e in result["hypotheses"]
     ]
-    secondary = [[e["name"], e["claim"], interval_text(e), p_text(e["p"])] for e in result["secondary"]]
+    secondary = [[*_claim_cells(e), p_text(e["p"])] for e in result["secondary"]]
     return [
         markdown(["arm", "steps", "test top-1 (%)", "train s/run"], arms),
         markdown(["", "claim", "Δ top-1 [95% CI]", "test", "p", "p (Holm)", "verdict"], hypotheses),
@@ -58,44 +49,35 @@ def family_table(model: str, regimes: dict) -> str:
     return "\n\n".join([*parts, FAMILY_NOTE]) + "\n"
 
 
+def _with_choice(cells: List[str], chosen: bool) -> List[str]:
+    """The cells of a candidate and the last column's mark of the chosen one."""
+    return [*cells, "yes" if chosen else ""]
+
+
+def _budget_cells(model: str, key: str, row: dict) -> List[str]:
+    accuracies = [mean_sd_text(row[metric]["per_seed"]) for metric in ("val_acc", "test_acc")]
+    return [model, key, row["label"], str(row["steps"]), *accuracies, f"{row['train_time_s']['mean']:.1f}"]
+
+
 def budget_table(choices: dict) -> str:
+    """Every candidate budget of each model and regime: its steps, accuracies and time; the chosen one."""
     rows = [
-        [
-            model,
-            key,
-            row["label"],
-            str(row["steps"]),
-            mean_sd_text(row["val_acc"]["per_seed"]),
-            mean_sd_text(row["test_acc"]["per_seed"]),
-            f"{row['train_time_s']['mean']:.1f}",
-            "yes" if row["budget"] == entry["budget"]["budget"] else "",
-        ]
+        _with_choice(_budget_cells(model, key, row), row["budget"] == entry["budget"]["budget"])
         for model, regimes in choices.items()
         for key, entry in regimes.items()
         for row in entry["rows"]
     ]
-    header = [
-        "model",
-        "regime",
-        "budget",
-        "steps",
-        "val top-1 (%)",
-        "test top-1 (%)",
-        "train s/run",
-        "chosen",
-    ]
-    return markdown(header, rows) + "\n"
+    header = ["model", "regime", "budget", "steps", "val top-1 (%)", "test top-1 (%)", "train s/run"]
+    return markdown([*header, "chosen"], rows) + "\n"
 
 
 def rho_table(choices: dict) -> str:
+    """Every radius of SAM for each model and regime: its validation accuracy; the chosen one."""
     rows = [
-        [
-            model,
-            key,
-            f"{row['value']:g}",
-            mean_sd_text(row["val_acc"]["per_seed"]),
-            "yes" if row["value"] == entry["rho"]["value"] else "",
-        ]
+        _with_choice(
+            [model, key, f"{row['value']:g}", mean_sd_text(row["val_acc"]["per_seed"])],
+            row["value"] == entry["rho"]["value"],
+        )
         for model, regimes in choices.items()
         for key, entry in regimes.items()
         for row in entry["rho"]["rows"]
