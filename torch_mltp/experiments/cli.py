@@ -1,12 +1,8 @@
 """The ``torch-mltp`` command line: ``train``, ``compare`` and ``reproduce``.
 
-``torch-mltp compare`` without arguments runs the embedded default: MNIST-1D, all five procedures,
-three seeds, on the CPU (about 5 minutes on 2 CPU cores).
-
 Every command writes under ``runs/<command>/`` unless ``--out`` says otherwise, in a folder named after
-the data set, the model and every setting given on the command line (:func:`default_out`), so that
-commands that are not continuations of each other never share a default folder. Every numeric option is
-checked before anything runs: a bad value ends the command with one line and exit status 2.
+the data set, the model and every setting given on the command line (:func:`default_out`). Every option
+is checked before anything runs: a bad value ends the command with one line and exit status 2.
 """
 
 from __future__ import annotations
@@ -20,7 +16,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, NoReturn, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, NoReturn, Optional, Sequence
 
 import torch
 
@@ -50,7 +46,6 @@ from .training import (
     Experiment,
     ExperimentError,
     RunOptions,
-    RunResult,
     train_run,
 )
 
@@ -89,79 +84,62 @@ _fraction = _checked(float, lambda value: 0 < value < 1, "a fraction between 0 a
 MIN_MLTP_BATCH = 4
 """MLTP splits a batch into two tasks (a batch of 33 into 17 and 16): at least 2 samples each."""
 
-
-def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("recipe overrides (default: the preset of the data set and model)")
-    group.add_argument("--epochs", type=_positive_int)
-    group.add_argument(
-        "--batch-size",
+_RECIPE_OPTIONS: Dict[str, Dict[str, Any]] = {
+    "epochs": dict(type=_positive_int),
+    "batch_size": dict(
         type=_positive_int,
-        help=f"MLTP splits it into two tasks of half the size (an odd batch: the first task takes the extra "
-        f"sample, 33 = 17 + 16), so with MLTP it must be at least {MIN_MLTP_BATCH}",
-    )
-    group.add_argument(
-        "--train-samples",
+        help=f"at least {MIN_MLTP_BATCH} with MLTP, which splits it into two tasks (33 = 17 + 16)",
+    ),
+    "optimizer": dict(choices=("adam", "sgd")),
+    "lr": dict(type=_positive_float, help="initial learning rate (also the alphas' unless --alpha-lr)"),
+    "lr_decay": dict(type=_positive_float, help="factor applied at each milestone"),
+    "momentum": dict(type=_momentum, help="SGD momentum"),
+    "weight_decay": dict(type=_non_negative_float),
+    "alpha_mean": dict(type=_non_negative_float, help="mean of the initial alphas"),
+    "alpha_std": dict(type=_non_negative_float, help="standard deviation of the initial alphas"),
+    "eta": dict(type=_non_negative_float, help="weight of the task-j loss"),
+    "train_samples": dict(
         type=_positive_int,
         metavar="N",
-        help="train on a fixed subset of N training samples, the same for every procedure and seed (the "
-        "first N of one permutation drawn with a fixed seed; default: all)",
-    )
-    group.add_argument(
-        "--val-fraction",
-        type=_fraction,
-        metavar="F",
-        help="hold this part of the training samples (after --train-samples) out of training and report the "
-        "accuracy on it each epoch as val_acc: the same samples for every procedure and seed (default: none)",
-    )
-    group.add_argument(
-        "--steps-scale",
-        type=_positive_float,
-        metavar="X",
-        help="train X times as many epochs, every --milestones epoch scaled alike (rounded to whole epochs): "
-        "e.g. give standard training or SAM the measured cost of an MLTP run (default: 1)",
-    )
-    group.add_argument("--optimizer", choices=("adam", "sgd"))
-    group.add_argument(
-        "--lr",
-        type=_positive_float,
-        help="initial learning rate (also the alphas' learning rate unless --alpha-lr)",
-    )
-    group.add_argument(
-        "--milestones",
-        type=_positive_int,
-        nargs="*",
-        metavar="EPOCH",
-        help="epochs after which the learning rate is multiplied by --lr-decay",
-    )
-    group.add_argument("--lr-decay", type=_positive_float, help="factor applied at each milestone")
-    group.add_argument("--momentum", type=_momentum, help="SGD momentum")
-    group.add_argument("--weight-decay", type=_non_negative_float)
-    group.add_argument("--alpha-mean", type=_non_negative_float, help="mean of the initial alphas")
-    group.add_argument(
-        "--alpha-std", type=_non_negative_float, help="standard deviation of the initial alphas"
-    )
-    group.add_argument("--eta", type=_non_negative_float, help="weight of the task-j loss")
-    group.add_argument(
-        "--alpha-policy",
+        help="train on the same N samples for every procedure and seed (default: all)",
+    ),
+    "alpha_policy": dict(
         choices=ALPHA_POLICIES,
         help="learned: as in the paper (default); nonnegative: learned, clamped at >= 0; nonpositive: "
         "learned, clamped at <= 0 and drawn from N(-mean, std); fixed: kept at their initial values",
-    )
-    group.add_argument(
-        "--alpha-lr",
+    ),
+    "alpha_lr": dict(
+        type=_positive_float, help="learning rate of learned alphas (default: --lr); the schedule scales both"
+    ),
+    "sam_rho": dict(type=_non_negative_float, help="radius of SAM's neighbourhood (default 0.05)"),
+    "val_fraction": dict(
+        type=_fraction,
+        metavar="F",
+        help="hold out this part of the training samples, the same for every procedure and seed, and "
+        "report val_acc on it each epoch (default: none)",
+    ),
+    "milestones": dict(
+        type=_positive_int, nargs="*", metavar="EPOCH", help="epochs after which --lr-decay multiplies the lr"
+    ),
+    "steps_scale": dict(
         type=_positive_float,
-        help="learning rate of learned alphas (default: the same as --lr); the schedule scales both",
-    )
-    group.add_argument(
-        "--sam-rho",
-        type=_non_negative_float,
-        help="radius of SAM's neighbourhood (--procedure sam; default 0.05, pytorch-optimizer's)",
-    )
+        metavar="X",
+        help="train X times as many epochs, milestones scaled alike (default: 1)",
+    ),
+}
+"""The recipe overrides: each option's ``add_argument`` keywords by its name (``lr_decay``: ``--lr-decay``),
+in the order in which :func:`default_out` names them (that of the folders already written)."""
+
+
+def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("recipe overrides (default: the preset of the data set and model)")
+    for name, keywords in _RECIPE_OPTIONS.items():
+        group.add_argument("--" + name.replace("_", "-"), **keywords)
 
 
 def _add_run_options(parser: argparse.ArgumentParser, out: str, processes: bool = True) -> None:
-    """The options of how and where runs execute; ``out``: the default output folder, as ``--help`` shows
-    it; ``processes``: the command runs under torchrun too (``--tasks``, ``--dist-timeout``)."""
+    """How and where runs execute; ``out``: the default output folder, as ``--help`` shows it;
+    ``processes``: the command runs under torchrun too (``--tasks``, ``--dist-timeout``)."""
     group = parser.add_argument_group("run options")
     group.add_argument(
         "--data-root",
@@ -169,21 +147,14 @@ def _add_run_options(parser: argparse.ArgumentParser, out: str, processes: bool 
         f"${DATA_ROOT_ENV} or ./{DEFAULT_DATA_ROOT}, created when missing)",
     )
     group.add_argument(
-        "--download",
-        action="store_true",
-        help="download CIFAR-10/100 when missing (and create --data-root if it does not exist)",
+        "--download", action="store_true", help="download CIFAR-10/100 when missing (may create --data-root)"
     )
     group.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     group.add_argument(
-        "--num-workers",
-        type=_non_negative_int,
-        help="DataLoader workers (default: 0 on CPU, 4 on CUDA; seeded, results do not depend on it)",
+        "--num-workers", type=_non_negative_int, help="DataLoader workers (default: 0 on CPU, 4 on CUDA)"
     )
     group.add_argument(
-        "--threads",
-        type=_positive_int,
-        help="CPU threads for torch (default: 1 for MNIST-1D, whose tiny models gain nothing from more and "
-        "stall when the cores are shared; torch's default otherwise)",
+        "--threads", type=_positive_int, help="CPU threads for torch (default: 1 for MNIST-1D, else torch's)"
     )
     group.add_argument(
         "--out",
@@ -199,21 +170,7 @@ def _add_run_options(parser: argparse.ArgumentParser, out: str, processes: bool 
     )
     group.add_argument("--tensorboard", action="store_true", help="also log to <run>/tensorboard")
     if processes:
-        group.add_argument(
-            "--tasks",
-            choices=TASK_SCOPES,
-            help="under torchrun: MLTP's two tasks are each process's halves of its batch (local, default) "
-            "or the unions of all processes' halves (global, the default and the only one with --fsdp); "
-            "see docs/distributed.md",
-        )
-        group.add_argument(
-            "--dist-timeout",
-            type=_positive_float,
-            default=distributed.DEFAULT_TIMEOUT_S,
-            metavar="SECONDS",
-            help="under torchrun: how long a process waits in a collective for the others before it fails "
-            f"(default {distributed.DEFAULT_TIMEOUT_S:.0f})",
-        )
+        _add_torchrun_options(group)
     group.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
@@ -221,10 +178,7 @@ def _add_run_options(parser: argparse.ArgumentParser, out: str, processes: bool 
         help="show a progress bar (default: on when stderr is a terminal)",
     )
     group.add_argument(
-        "--limit-train-batches",
-        type=_positive_int,
-        metavar="N",
-        help="train on at most N batches per epoch (smoke tests)",
+        "--limit-train-batches", type=_positive_int, metavar="N", help="train on at most N batches per epoch"
     )
     group.add_argument(
         "--limit-test-batches", type=_positive_int, metavar="N", help="evaluate on at most N test batches"
@@ -234,9 +188,25 @@ def _add_run_options(parser: argparse.ArgumentParser, out: str, processes: bool 
         type=_non_negative_int,
         default=DEFAULT_COSINE_EVERY,
         metavar="K",
-        help="measure the cosine between the two half batches' gradients before every K-th training step "
-        f"(logged per epoch as grad_cosine; it does not change the training; 0: never; default "
-        f"{DEFAULT_COSINE_EVERY})",
+        help="measure the cosine of the two half batches' gradients before every K-th step, logged as "
+        f"grad_cosine (it does not change the training; 0: never; default {DEFAULT_COSINE_EVERY})",
+    )
+
+
+def _add_torchrun_options(group) -> None:
+    group.add_argument(
+        "--tasks",
+        choices=TASK_SCOPES,
+        help="under torchrun: MLTP's two tasks are each process's halves of its batch (local, default) or "
+        "the unions of all processes' halves (global, the default and the only one with --fsdp)",
+    )
+    group.add_argument(
+        "--dist-timeout",
+        type=_positive_float,
+        default=distributed.DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help="under torchrun: how long a process waits in a collective for the others before it fails "
+        f"(default {distributed.DEFAULT_TIMEOUT_S:.0f})",
     )
 
 
@@ -254,6 +224,13 @@ def _name_or_function(names: Sequence[str]) -> Callable[[str], str]:
     return parse
 
 
+def _arm(text: str) -> decision.Arm:
+    try:
+        return decision.Arm.parse(text)
+    except ExperimentError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _add_experiment_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dataset",
@@ -262,15 +239,13 @@ def _add_experiment_options(parser: argparse.ArgumentParser) -> None:
         help=f"one of {', '.join(DATASET_NAMES)} (default: {DEFAULT_DATASET}), or your function that returns "
         "(train, test) datasets of (input, target) pairs: mypkg.data:make_data or path/to/file.py:make_data",
     )
+    default_models = ", ".join(f"{dataset}: {model}" for dataset, model in DEFAULT_MODELS.items())
     parser.add_argument(
         "--model",
         type=_name_or_function(MODEL_NAMES),
-        help="one of "
-        + ", ".join(MODEL_NAMES)
-        + " (default per data set: "
-        + ", ".join(f"{d}: {m}" for d, m in DEFAULT_MODELS.items())
-        + "), or your function of no argument that returns an nn.Module (called after the seed is set): "
-        "mypkg.models:make_model or path/to/file.py:make_model",
+        help=f"one of {', '.join(MODEL_NAMES)} (default per data set: {default_models}), or your function "
+        "of no argument that returns an nn.Module (called after the seed is set): mypkg.models:make_model "
+        "or path/to/file.py:make_model",
     )
     parser.add_argument(
         "--loss",
@@ -332,17 +307,15 @@ def _add_train_command(commands) -> None:
     train.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in --out from its last checkpoint (fail if there is none); "
-        "re-running the same command resumes too",
+        help="continue the run in --out from its last checkpoint, or fail (the same command resumes too)",
     )
     _add_recipe_options(train)
     _add_run_options(train, TRAIN_OUT)
     train.add_argument(
         "--fsdp",
         action="store_true",
-        help="under torchrun: shard the model over the processes with FSDP2 (fully_shard) instead of "
-        "replicating it with DDP; trains standard or mltp_fo with --tasks global, measures no gradient "
-        "cosine; see docs/distributed.md",
+        help="under torchrun: shard the model with FSDP2 instead of replicating it with DDP (standard or "
+        "mltp_fo, --tasks global, no gradient cosine; docs/distributed.md)",
     )
 
 
@@ -371,9 +344,8 @@ def _add_compare_command(commands) -> None:
         "--baseline-dir",
         type=Path,
         metavar="DIR",
-        help="with --procedures: keep the standard runs in DIR instead of --out, shared with other "
-        "comparisons that differ only in MLTP settings (--eta, --alpha-*): finished ones are reused, "
-        "missing ones trained there",
+        help="with --procedures: keep the standard runs in DIR instead of --out, to share them with "
+        "comparisons that differ only in MLTP settings (--eta, --alpha-*)",
     )
     _add_recipe_options(compare)
     _add_run_options(compare, COMPARE_OUT)
@@ -389,20 +361,15 @@ def _add_decision_options(parser: argparse.ArgumentParser) -> None:
         help="PROCEDURE, or PROCEDURE@OTHER to train it as long as OTHER's measured cost (default: "
         f"{' '.join(DEFAULT_ARMS)}); procedures: {', '.join(ALL_PROCEDURES)}",
     )
-    group.add_argument(
-        "--seeds",
-        nargs="+",
-        type=_seed,
-        help="the paired seeds (default: " + " ".join(map(str, decision.DEFAULT_SEEDS)) + ")",
-    )
+    seeds = " ".join(map(str, decision.DEFAULT_SEEDS))
+    group.add_argument("--seeds", nargs="+", type=_seed, help=f"the paired seeds (default: {seeds})")
     group.add_argument(
         "--tuning-seeds",
         nargs="+",
         type=_seed,
         default=list(decision.DEFAULT_TUNING_SEEDS),
         help="the seeds that choose the budget (and SAM's radius) on the validation split (default: "
-        + " ".join(map(str, decision.DEFAULT_TUNING_SEEDS))
-        + ")",
+        f"{' '.join(map(str, decision.DEFAULT_TUNING_SEEDS))})",
     )
     group.add_argument(
         "--budgets",
@@ -410,10 +377,8 @@ def _add_decision_options(parser: argparse.ArgumentParser) -> None:
         type=_positive_float,
         default=list(decision.DEFAULT_BUDGETS),
         metavar="X",
-        help="candidate budgets, as scales of the recipe's schedule (epochs and milestones); standard "
-        "training's best on the validation split is the budget (default: "
-        + " ".join(f"{b:g}" for b in decision.DEFAULT_BUDGETS)
-        + ")",
+        help="candidate budgets, as scales of the recipe's schedule; standard training's best on the "
+        f"validation split is the budget (default: {' '.join(f'{b:g}' for b in decision.DEFAULT_BUDGETS)})",
     )
     group.add_argument(
         "--sam-rhos",
@@ -459,24 +424,16 @@ def _add_reproduce_command(commands) -> None:
         "--timing-steps",
         type=_non_negative_int,
         default=1,
-        help="steps of standard training timed per model for the estimate, after a warm-up step on a few "
-        "samples (0: no estimate; default 1)",
+        help="steps of standard training timed per model for the estimate (0: no estimate; default 1)",
     )
     _add_recipe_options(reproduce)
     _add_run_options(reproduce, REPRODUCE_OUT, processes=False)
 
 
-def _arm(text: str) -> decision.Arm:
-    try:
-        return decision.Arm.parse(text)
-    except ExperimentError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
 def _usage_problem(args: argparse.Namespace) -> Optional[str]:
     """What the options say that argparse cannot check alone: a table for ``reproduce``, a batch that
-    MLTP can split into two tasks of at least 2 samples, a data folder that exists
-    (:func:`_resolve_data_root` has run)."""
+    MLTP can split into two tasks of at least 2 samples, a user's data set with a user's model, the
+    decision in one process, ``--baseline-dir`` with ``--procedures``."""
     if args.command == "reproduce" and args.table is None:
         return (
             f"name the table to reproduce, one of {', '.join(sorted(TABLES))}, "
@@ -488,7 +445,20 @@ def _usage_problem(args: argparse.Namespace) -> Optional[str]:
             f"argument --batch-size: MLTP splits each batch into two tasks of at least 2 samples: expected "
             f"{MIN_MLTP_BATCH} or more, got {args.batch_size}"
         )
-    return _source_problem(args) or _data_root_problem(args)
+    user_dataset = args.command != "reproduce" and is_import_string(args.dataset)
+    if user_dataset and not (args.model and is_import_string(args.model)):
+        return (
+            "argument --model: with your own data set (--dataset module:function), give your model too "
+            "(--model module:function): the registered models are shaped for the registered data sets"
+        )
+    if args.command == "compare" and args.procedures is None:
+        if args.baseline_dir is not None:
+            return (
+                "argument --baseline-dir: goes with --procedures (the decision keeps all its runs in --out)"
+            )
+        if distributed.launched_by_torchrun():
+            return "the decision runs in one process; under torchrun, compare --procedures"
+    return None
 
 
 def _procedures(args: argparse.Namespace) -> List[str]:
@@ -502,25 +472,6 @@ def _procedures(args: argparse.Namespace) -> List[str]:
 
 def _arms(args: argparse.Namespace) -> List[decision.Arm]:
     return args.arms or [decision.Arm.parse(spec) for spec in DEFAULT_ARMS]
-
-
-def _source_problem(args: argparse.Namespace) -> Optional[str]:
-    """A user's data set needs a user's model; the decision runs in one process; ``--baseline-dir`` goes
-    with ``--procedures``."""
-    if args.command == "reproduce":
-        return None
-    if is_import_string(args.dataset) and not (args.model and is_import_string(args.model)):
-        return (
-            "argument --model: with your own data set (--dataset module:function), give your model too "
-            "(--model module:function): the registered models are shaped for the registered data sets"
-        )
-    if args.command != "compare" or args.procedures is not None:
-        return None
-    if args.baseline_dir is not None:
-        return "argument --baseline-dir: goes with --procedures (the decision keeps all its runs in --out)"
-    if distributed.launched_by_torchrun():
-        return "the decision runs in one process; under torchrun, compare --procedures"
-    return None
 
 
 def _milestones_warning(args: argparse.Namespace) -> Optional[str]:
@@ -546,26 +497,17 @@ def _milestones_warning(args: argparse.Namespace) -> Optional[str]:
     )
 
 
-def _resolve_data_root(args: argparse.Namespace) -> None:
-    """Fill in ``args.data_root`` (``--data-root``, else ``$TORCH_MLTP_DATA``, else ``./data``) and
-    ``args.data_root_named``: where the folder was named (``None`` for the default)."""
-    args.data_root_named = None
-    if args.data_root is not None:
-        args.data_root_named = "--data-root"
-    elif os.environ.get(DATA_ROOT_ENV):
-        args.data_root, args.data_root_named = os.environ[DATA_ROOT_ENV], f"${DATA_ROOT_ENV}"
-    else:
+def _resolve_data_root(args: argparse.Namespace) -> Optional[str]:
+    """Fill in ``args.data_root``: ``--data-root``, else ``$TORCH_MLTP_DATA``, else ``./data`` (created when
+    needed). A folder that is named and not there is a problem, returned, unless ``--download`` may create
+    it: a mistyped path would otherwise become a new, empty data folder."""
+    named = ""
+    if args.data_root is None and os.environ.get(DATA_ROOT_ENV):
+        args.data_root, named = os.environ[DATA_ROOT_ENV], f" (from ${DATA_ROOT_ENV})"
+    elif args.data_root is None:
         args.data_root = DEFAULT_DATA_ROOT
-
-
-def _data_root_problem(args: argparse.Namespace) -> Optional[str]:
-    """A data folder named by ``--data-root`` or ``$TORCH_MLTP_DATA`` that is not there: a mistyped path
-    would otherwise become a new, empty data folder. ``--download`` may create it; the default
-    ``./data`` is created when needed."""
-    if args.data_root_named is None:
         return None
     root = Path(args.data_root)
-    named = "" if args.data_root_named == "--data-root" else f" (from {args.data_root_named})"
     if root.exists() and not root.is_dir():
         return f"argument --data-root: {root}{named} is not a folder"
     if not root.exists() and not args.download:
@@ -577,25 +519,10 @@ def _data_root_problem(args: argparse.Namespace) -> Optional[str]:
 
 
 def _recipe_overrides(args: argparse.Namespace) -> dict:
+    """The recipe's fields as the command line gives them (``None``: not given); ``--steps-scale`` is applied
+    after them (:func:`_scaled`)."""
     overrides = {
-        name: getattr(args, name)
-        for name in (
-            "epochs",
-            "batch_size",
-            "optimizer",
-            "lr",
-            "lr_decay",
-            "momentum",
-            "weight_decay",
-            "alpha_mean",
-            "alpha_std",
-            "eta",
-            "train_samples",
-            "alpha_policy",
-            "alpha_lr",
-            "sam_rho",
-            "val_fraction",
-        )
+        name: getattr(args, name) for name in _RECIPE_OPTIONS if name not in ("milestones", "steps_scale")
     }
     if args.milestones is not None:
         overrides["milestones"] = tuple(args.milestones)
@@ -636,6 +563,11 @@ def _base_recipe(args: argparse.Namespace) -> Recipe:
     return recipe.replace(alpha_policy="nonnegative") if deciding else recipe
 
 
+def _scaled(recipe: Recipe, args: argparse.Namespace) -> Recipe:
+    """The recipe with ``--steps-scale`` applied (after the other overrides)."""
+    return recipe if args.steps_scale is None else recipe.scaled(args.steps_scale)
+
+
 def _experiment(args: argparse.Namespace) -> Experiment:
     """What the command trains; a model or loss of the user's is imported here."""
     model = args.model or DEFAULT_MODELS[args.dataset]
@@ -660,12 +592,8 @@ def _data(args: argparse.Namespace) -> Optional[DataSplits]:
     return user_data(load_function(args.dataset, "--dataset"), args.dataset)
 
 
-def _scaled(recipe: Recipe, args: argparse.Namespace) -> Recipe:
-    """The recipe with ``--steps-scale`` applied (after the other overrides)."""
-    return recipe if args.steps_scale is None else recipe.scaled(args.steps_scale)
-
-
 def _folder_value(value) -> str:
+    """A setting as a folder name shows it: milestones ``(50, 100)`` as ``50-100``, none as ``none``."""
     if isinstance(value, tuple):
         return "-".join(map(str, value)) or "none"
     return str(value)
@@ -695,24 +623,16 @@ def default_out(args: argparse.Namespace, processes: distributed.Processes) -> P
 
 
 def _run(args: argparse.Namespace) -> None:
+    """The command, once its options are checked."""
     processes = distributed.current()
     out = args.out or default_out(args, processes)
     if args.command == "train":
-        result = train_run(
-            _experiment(args),
-            args.procedure,
-            args.seed,
-            out,
-            _run_options(args, log_epochs=True),
-            _data(args),
-        )
-        if result.reused:
-            print(_reused_line(result))
-        else:
-            print(f"final test accuracy {result.final['test_acc']:.2f}%; results in {result.run_dir}")
-    elif args.command == "compare" and args.procedures is None:
+        _train(args, out)
+    elif args.command == "reproduce":
+        _reproduce(args, out)
+    elif args.procedures is None:
         _decide(args, out)
-    elif args.command == "compare":
+    else:
         result = compare(
             _experiment(args),
             args.procedures,
@@ -722,33 +642,37 @@ def _run(args: argparse.Namespace) -> None:
             data=_data(args),
             baseline_root=args.baseline_dir,
         )
-        if not processes.is_main:
-            return  # under torchrun, the main process writes the outputs
-        written = write_outputs(out, [result])
-        print()
-        print((out / "table.md").read_text())
-        print("written: " + ", ".join(str(path) for path in written))
+        if processes.is_main:  # under torchrun, the main process writes the outputs
+            written = write_outputs(out, [result])
+            _print_outputs((out / "table.md").read_text(), ", ".join(map(str, written)))
+
+
+def _print_outputs(table: str, written: str) -> None:
+    """How ``compare`` and ``reproduce`` end: a blank line, the table, the files written."""
+    print()
+    print(table)
+    print(f"written: {written}")
+
+
+def _train(args: argparse.Namespace, out: Path) -> None:
+    """One run. A run found finished with the same settings is reused, as ``compare`` does, and the line
+    says how to train it again: ``--overwrite`` only for a run that ``train`` wrote."""
+    options = _run_options(args, log_epochs=True)
+    result = train_run(_experiment(args), args.procedure, args.seed, out, options, _data(args))
+    if not result.reused:
+        print(f"final test accuracy {result.final['test_acc']:.2f}%; results in {result.run_dir}")
+        return
+    by = written_by(result.run_dir)
+    if by == "train":
+        again = "pass --overwrite (which deletes it) or choose another --out"
     else:
-        rows = table_rows(
-            args.table, _recipe_overrides(args), args.limit_train_batches, args.limit_test_batches
-        )
-        experiments = [
-            dataclasses.replace(row.experiment, recipe=_scaled(row.experiment.recipe, args)) for row in rows
-        ]
-        rows = [dataclasses.replace(row, experiment=experiment) for row, experiment in zip(rows, experiments)]
-        results = reproduce(
-            args.table,
-            rows,
-            args.seeds,
-            out,
-            _run_options(args, log_epochs=False),
-            args.timing_steps,
-            args.dry_run,
-        )
-        if results is not None:
-            print()
-            print((out / "table.md").read_text())
-            print(f"written: {out}/table.md, {out}/results.json and one folder per model with figures")
+        writer = f"torch-mltp {by}" if by else "an earlier command"
+        again = f"choose another --out (it holds a result of {writer})"
+    final = result.final
+    print(
+        f"the run in {result.run_dir} is finished: reused, final test accuracy {final['test_acc']:.2f}% "
+        f"after {final['epoch']} epochs; to train it again, {again}"
+    )
 
 
 def _decide(args: argparse.Namespace, out: Path) -> None:
@@ -765,36 +689,29 @@ def _decide(args: argparse.Namespace, out: Path) -> None:
     )
     result = decision.decide(experiment, data, plan, out, _run_options(args, log_epochs=False))
     written = decision.write_outputs(result, out)
-    print()
-    print(result.table())
-    print("written: " + ", ".join(str(path) for path in written))
+    _print_outputs(result.table(), ", ".join(map(str, written)))
 
 
-def _reused_line(result: RunResult) -> str:
-    """What ``train`` says of a run it found finished with the same settings (as ``compare`` does, it
-    reuses it), and how to train it again: ``--overwrite`` only for a run that ``train`` wrote."""
-    final = result.final
-    by = written_by(result.run_dir)
-    if by == "train":
-        again = "pass --overwrite (which deletes it) or choose another --out"
-    else:
-        writer = f"torch-mltp {by}" if by else "an earlier command"
-        again = f"choose another --out (it holds a result of {writer})"
-    return (
-        f"the run in {result.run_dir} is finished: reused, final test accuracy {final['test_acc']:.2f}% "
-        f"after {final['epoch']} epochs; to train it again, {again}"
-    )
-
-
-def _rank() -> int:
-    """This process's rank under torchrun (0 otherwise), known before the process group exists."""
-    return int(os.environ.get("RANK", "0")) if distributed.launched_by_torchrun() else 0
+def _reproduce(args: argparse.Namespace, out: Path) -> None:
+    """One of the paper's tables, each row's recipe with ``--steps-scale`` applied."""
+    overrides = _recipe_overrides(args)
+    rows = []
+    for row in table_rows(args.table, overrides, args.limit_train_batches, args.limit_test_batches):
+        experiment = dataclasses.replace(row.experiment, recipe=_scaled(row.experiment.recipe, args))
+        rows.append(dataclasses.replace(row, experiment=experiment))
+    options = _run_options(args, log_epochs=False)
+    if reproduce(args.table, rows, args.seeds, out, options, args.timing_steps, args.dry_run) is not None:
+        _print_outputs(
+            (out / "table.md").read_text(),
+            f"{out}/table.md, {out}/results.json and one folder per model with figures",
+        )
 
 
 def _print_error(message: str) -> None:
     """Print the command's error once: under torchrun every process meets the same error (options, data,
-    output folder are the same everywhere), and process 0 says it."""
-    if _rank() == 0:
+    output folder are the same everywhere), and process 0 says it (its rank is known from ``$RANK`` before
+    the process group exists)."""
+    if not distributed.launched_by_torchrun() or int(os.environ.get("RANK", "0")) == 0:
         print(message, file=sys.stderr, flush=True)
 
 
@@ -846,8 +763,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``torch-mltp``; returns the exit status (2: a problem the user can fix)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    _resolve_data_root(args)
-    problem = _usage_problem(args)
+    problem = _usage_problem(args) or _resolve_data_root(args)
     if problem is not None:
         _print_error(f"torch-mltp {args.command}: error: {problem}")
         raise SystemExit(2)  # as argparse ends a usage error
