@@ -1,7 +1,7 @@
 """A model and a data set of your own, in one file: does MLTP help on them?
 
-    torch-mltp compare --model examples/my_model.py:make_model --dataset examples/my_model.py:make_data
-    python examples/my_model.py  # the same comparison from Python
+torch-mltp compare --model examples/my_model.py:make_model --dataset examples/my_model.py:make_data
+python examples/my_model.py  # the same comparison from Python
 """
 
 import torch

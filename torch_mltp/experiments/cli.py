@@ -255,9 +255,9 @@ def _add_experiment_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-MAIN_JOB_DURATION = "about 5 minutes on 2 CPU cores"
-"""How long ``torch-mltp compare`` takes with its defaults (4 min 17 s on a quiet 2-core machine, 5 min 45 s
-with the other core busy); ``compare --help`` and the README say it."""
+MAIN_JOB_DURATION = "about 6 minutes on 2 CPU cores"
+"""How long ``torch-mltp compare`` takes with its defaults (5 min 40 s on a quiet 2-core machine, one torch
+thread); ``compare --help`` and the README say it."""
 RUNS = Path("runs")
 TRAIN_OUT = "runs/train/<dataset>-<model><settings>/<procedure>-seed<seed>"
 COMPARE_OUT = "runs/compare/<dataset>-<model><settings>"

@@ -33,7 +33,7 @@ EXTENDABLE = "experiment.recipe.epochs"
 """The one setting a stored run may differ in: raising it extends the run."""
 
 
-class ExperimentError(Exception):
+class ExperimentError(ValueError):
     """A problem the user can fix (bad combination of settings, conflicting output folder, ...)."""
 
 
