@@ -244,3 +244,23 @@ def test_a_wrong_name_is_a_usage_error(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["compare", *argv])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_step_costs_are_kept_for_a_rerun_and_measured_again_with_overwrite(user_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["compare", "--model", "user_problem:make_model", "--dataset", "user_problem:make_data"]
+    argv += ["--arms", "standard", "standard@mltp_fo", "--seeds", "0", "--budgets", "1", "--epochs", "2"]
+    argv += ["--out", str(out)]
+    assert main(argv) == 0
+    path = out / "cost.json"
+    costs = json.loads(path.read_text())
+    costs["mltp_fo"]["ratio"] = costs["standard"]["ratio"] * 5.0  # as if mltp_fo's step cost 5 standard ones
+    path.write_text(json.dumps(costs))
+    assert main(argv) == 0  # the rerun reads the file: standard@mltp_fo now trains 5 x 2 epochs
+    arms = json.loads((out / "decision.json").read_text())["arms"]
+    assert arms["standard@mltp_fo"]["epochs"] == 10 and arms["standard"]["epochs"] == 2
+    assert main([*argv, "--overwrite"]) == 0
+    remeasured = json.loads(path.read_text())
+    assert remeasured["mltp_fo"]["ratio"] != costs["mltp_fo"]["ratio"]
+    arms = json.loads((out / "decision.json").read_text())["arms"]
+    assert arms["standard@mltp_fo"]["epochs"] == max(1, math.floor(2 * remeasured["mltp_fo"]["ratio"] + 0.5))

@@ -213,7 +213,7 @@ def decide(experiment: Experiment, data: DataSplits, plan: Plan, out: Path, opti
     )
     device = resolve_device(options.device)
     split_training(data, experiment)  # a batch larger than the data fails before anything runs
-    costs = measured_costs(experiment, data, plan, out / COST_FILE, device)
+    costs = measured_costs(experiment, data, plan, out / COST_FILE, device, again=options.overwrite)
     runner = _Runner(experiment, data, plan, costs, out, options)
     log.info(
         "%d runs: about %s in all (from the measured step times; evaluation not included)",
@@ -238,11 +238,13 @@ def decide(experiment: Experiment, data: DataSplits, plan: Plan, out: Path, opti
     return Decision(setup, arms, comparisons, verdict(plan.arms, comparisons), tuning)
 
 
-def measured_costs(experiment: Experiment, data: DataSplits, plan: Plan, path: Path, device) -> dict:
+def measured_costs(
+    experiment: Experiment, data: DataSplits, plan: Plan, path: Path, device, again: bool = False
+) -> dict:
     """The step costs of the plan's procedures (:func:`.cost.step_costs`), kept in ``path``: running the
     comparison again reuses them, so that the arms given another arm's cost keep their budgets and their
-    finished runs (delete the file to measure again)."""
-    if path.exists():
+    finished runs (``again``, as with ``--overwrite``, or deleting the file measures them again)."""
+    if path.exists() and not again:
         costs = json.loads(path.read_text())
         if set(plan.timed) <= set(costs):
             log.info("step costs from %s (delete it to measure them again)", path)
