@@ -14,7 +14,7 @@ import torch
 
 from torch_mltp.data import DataSplits
 
-from .loop import TrainTally
+from .loop import TrainTally, plain_loss
 from .optimizers import build_optimizer, training_step
 from .training import Experiment, build_model_for
 
@@ -41,11 +41,8 @@ def seconds_per_step(
     torch.manual_seed(0)
     model = build_model_for(experiment, data).to(device)
     optimizer = build_optimizer(model, experiment.recipe, procedure)
-    criterion = experiment.criterion
-    loss_fn = TrainTally(device).loss_fn(model, criterion)
-
-    def plain(x, y):
-        return criterion(model(x), y)
+    loss_fn = TrainTally(device).loss_fn(model, experiment.criterion)
+    plain = plain_loss(model, experiment.criterion)
 
     x, y = (tensor.to(device) for tensor in batch)
     model.train()

@@ -34,6 +34,7 @@ from torch_mltp.data import DataSplits
 
 from .comparison import duration_text, training_seconds
 from .cost import step_costs
+from .loaders import batches_per_epoch
 from .recipes import MLTP_MODES, Recipe
 from .sources import folder_name, function_name, user_data
 from .stats import holm, paired_difference
@@ -267,6 +268,7 @@ class _Runner:
         self.base = self.recipe = experiment.recipe
         self.done = 0
         self.predicted = self.measured = 0.0  # seconds of the runs trained so far, predicted and measured
+        self.samples: Dict[Tuple[Optional[int], Optional[float]], int] = {}
 
     @property
     def tunes_rho(self) -> bool:
@@ -301,9 +303,18 @@ class _Runner:
             return 1.0
         return round(self.costs[arm.cost_of]["ratio"] / self.costs[arm.procedure]["ratio"], 2)
 
+    def steps(self, recipe: Recipe) -> int:
+        """The training steps of one run with ``recipe`` (its training samples split off once per
+        ``train_samples`` and ``val_fraction``)."""
+        key = (recipe.train_samples, recipe.val_fraction)
+        if key not in self.samples:
+            experiment = dataclasses.replace(self.experiment, recipe=recipe)
+            self.samples[key] = len(split_training(self.data, experiment)[0])
+        limit = self.experiment.limit_train_batches
+        return recipe.epochs * batches_per_epoch(self.samples[key], recipe.batch_size, limit)
+
     def _seconds(self, procedure: str, recipe: Recipe) -> float:
-        experiment = dataclasses.replace(self.experiment, recipe=recipe)
-        return steps_per_run(experiment, self.data) * self.costs[procedure]["seconds_per_step"]
+        return self.steps(recipe) * self.costs[procedure]["seconds_per_step"]
 
     def train(self, experiment: Experiment, procedure: str, seed: int, folder: Path, label: str):
         """One run, and its progress line."""
@@ -378,23 +389,12 @@ class _Runner:
             "procedure": arm.procedure,
             "steps_scale": self.scale_of(arm),
             "epochs": experiment.recipe.epochs,
-            "steps": steps_per_run(experiment, self.data),
+            "steps": self.steps(experiment.recipe),
             "test_acc": [run.final["test_acc"] for run in runs],
             "train_s_per_seed": seconds,
             "train_s": math.fsum(seconds) / len(seconds),
             "run_dirs": [str(run.run_dir) for run in runs],
         }
-
-
-def steps_per_run(experiment: Experiment, data: DataSplits) -> int:
-    """The training steps of one run: epochs times the batches of an epoch (a last batch of one sample is
-    dropped; ``limit_train_batches`` caps them)."""
-    samples = len(split_training(data, experiment)[0])
-    batch = experiment.recipe.batch_size
-    per_epoch = math.ceil(samples / batch) - (samples % batch == 1)
-    if experiment.limit_train_batches is not None:
-        per_epoch = min(per_epoch, experiment.limit_train_batches)
-    return experiment.recipe.epochs * per_epoch
 
 
 def analyse(arms: Sequence[Arm], results: Dict[str, dict]) -> List[dict]:

@@ -80,6 +80,13 @@ def data_order_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generato
     return torch.Generator().manual_seed(int(state))
 
 
+def batches_per_epoch(samples: int, batch_size: int, limit: Optional[int] = None) -> int:
+    """The training batches of an epoch of ``samples`` samples, as :func:`make_loader` makes them (a last
+    batch of one sample is dropped), at most ``limit``."""
+    batches = math.ceil(samples / batch_size) - (samples % batch_size == 1)
+    return batches if limit is None else min(batches, limit)
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,

@@ -104,9 +104,9 @@ def train_one_epoch(
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if cosine_every and index % cosine_every == 0 and len(x) >= 2:  # two tasks need two samples
                 started = time.perf_counter()
-                tally.add_cosine(gradient_cosine(probed_model, _plain_loss(probed_model, criterion), x, y))
+                tally.add_cosine(gradient_cosine(probed_model, plain_loss(probed_model, criterion), x, y))
                 probe_seconds += time.perf_counter() - started
-            tally.add_objective(training_step(optimizer, loss_fn, x, y, _plain_loss(model, criterion)))
+            tally.add_objective(training_step(optimizer, loss_fn, x, y, plain_loss(model, criterion)))
             bar.update()
             if progress and (index % 10 == 0 or index + 1 == total):
                 stats = tally.summary()
@@ -117,7 +117,7 @@ def train_one_epoch(
     return summary
 
 
-def _plain_loss(model: nn.Module, criterion: Loss) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def plain_loss(model: nn.Module, criterion: Loss) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``criterion`` of ``model`` on a batch, recorded nowhere."""
     return lambda x, y: criterion(model(x), y)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..comparison import CONFIDENCE
+from ..loaders import batches_per_epoch
 from ..recipes import TRAIN_SET_SIZES
 from ..stats import holm, non_inferiority_p, paired_difference
 from .design import (
@@ -41,11 +42,9 @@ def steps_per_run(result: dict) -> int:
     samples = recipe["train_samples"] or TRAIN_SET_SIZES[result["dataset"]]
     if recipe.get("val_fraction") is not None:
         samples -= math.floor(recipe["val_fraction"] * samples + 0.5)
-    batch = recipe["batch_size"]
-    per_epoch = math.ceil(samples / batch) - (samples % batch == 1)  # a last batch of one is dropped
-    if experiment.get("limit_train_batches") is not None:
-        per_epoch = min(per_epoch, experiment["limit_train_batches"])
-    return recipe["epochs"] * per_epoch
+    return recipe["epochs"] * batches_per_epoch(
+        samples, recipe["batch_size"], experiment.get("limit_train_batches")
+    )
 
 
 def pick(rows: List[dict], key: str) -> dict:
