@@ -512,10 +512,10 @@ def test_compare_reports_each_run_and_the_time_left_as_it_goes_also_into_a_pipe(
     assert (
         lines[0] == f"4 runs (2 procedure(s) x 2 seed(s)) of mnist1d_cnn on mnist1d into {tmp_path / 'cmp'}\n"
     )
-    assert lines[1] == "run 1/4: standard seed 0 ...\n"
+    assert lines[1] == "run 1/4: mnist1d mnist1d_cnn standard seed 0 ...\n"
     assert lines[2].startswith("[1/4] mnist1d mnist1d_cnn standard seed 0: test acc ")
     assert re.search(r"\); about \d+ s left\n$", lines[2]), lines[2]  # 3 runs left, at standard's pace
-    assert lines[3] == "run 2/4: mltp seed 0 ...\n"
+    assert lines[3] == "run 2/4: mnist1d mnist1d_cnn mltp seed 0 ...\n"
 
 
 def test_compare_says_how_long_it_takes_as_the_readme_does(capsys):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from torch_mltp.experiments.confirm import analysis, design, driver
+from torch_mltp.experiments.recipes import Recipe
 from torch_mltp.experiments.stats import holm, non_inferiority_p
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,8 +52,11 @@ def test_the_choice_rules():
 
 def test_steps_per_run_counts_the_validation_split_and_the_dropped_batch():
     def result(samples, batch, epochs, fraction=None, limit=None):
-        recipe = {"train_samples": samples, "batch_size": batch, "epochs": epochs, "val_fraction": fraction}
-        return {"dataset": "mnist1d", "experiment": {"recipe": recipe, "limit_train_batches": limit}}
+        recipe = Recipe(
+            "adam", 1e-3, epochs, (50,), batch_size=batch, train_samples=samples, val_fraction=fraction
+        )
+        stored = json.loads(json.dumps(recipe.to_dict()))  # as results.json holds it
+        return {"dataset": "mnist1d", "experiment": {"recipe": stored, "limit_train_batches": limit}}
 
     assert analysis.steps_per_run(result(None, 128, 100)) == 3200  # 4,000 samples: 32 batches
     assert analysis.steps_per_run(result(None, 128, 100, 0.1)) == 2900  # 3,600: 29 batches

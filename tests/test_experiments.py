@@ -19,8 +19,9 @@ from torch.utils.data import Dataset, TensorDataset
 from torch_mltp import MLTPOptimizer
 from torch_mltp.data import DataSplits, default_model_names, load_dataset
 from torch_mltp.experiments.checkpoints import restore_rng_states, rng_states
+from torch_mltp.experiments import comparison
 from torch_mltp.experiments.comparison import (
-    RunClock,
+    Progress,
     duration_text,
     markdown_table,
     summarize,
@@ -512,16 +513,42 @@ def test_one_seed_shows_no_p_values(tmp_path):
     assert row.startswith("| cnet1 | mltp_fo | 81.00 | +1.00 (1 seed: no interval) | — | — | 0.250 |")
 
 
-def test_run_clock_predicts_each_procedure_by_its_own_runs():
-    clock = RunClock()
-    assert clock.left(["standard"]) is None  # nothing trained yet (or every run reused)
-    clock.add("standard", 10.0)
-    clock.add("mltp", 30.0)
-    clock.add("standard", 20.0)
-    # standard at its mean of 15 s, mltp at 30 s, mltp_fo (not trained yet) at the mean of all runs, 20 s
-    assert clock.left(["standard", "mltp", "mltp_fo"]) == pytest.approx(65.0)
-    assert clock.left([]) is None
+def _progress_with_fake_runs(monkeypatch, step_seconds, runs):
+    """A progress whose runs take the given seconds on a fake clock; ``runs``: (procedure, steps, seconds)."""
+    now = [0.0]
+    seconds = iter(seconds for _, _, seconds in runs)
+
+    def fake_run(experiment, procedure, seed, folder, options, data):
+        now[0] += next(seconds)
+        record = {"epoch": 1, "test_acc": 50.0, "epoch_time_s": 0.0, "eval_time_s": 0.0}
+        return RunResult(Path(folder), procedure, seed, [record])
+
+    monkeypatch.setattr(comparison, "train_run", fake_run)
+    monkeypatch.setattr(comparison.time, "perf_counter", lambda: now[0])
+    progress = Progress(step_seconds)
+    progress.plan([(procedure, steps) for procedure, steps, _ in runs])
+    return progress
+
+
+def test_progress_predicts_each_procedure_by_its_own_runs(monkeypatch, tmp_path):
+    runs = [("standard", 10, 10.0), ("mltp", 10, 30.0), ("standard", 20, 0.0), ("mltp_fo", 10, 0.0)]
+    progress = _progress_with_fake_runs(monkeypatch, None, runs)
+    assert progress.left() is None  # nothing trained yet (or every run reused)
+    for procedure, _, _ in runs[:2]:
+        progress.train(None, procedure, 0, tmp_path / procedure, RunOptions(), None, procedure)
+    # standard at its 1 s per step, mltp_fo (not trained yet) at all runs' 40 s / 20 steps
+    assert (progress.done, progress.total) == (2, 4)
+    assert progress.left() == pytest.approx(20 * 1.0 + 10 * 2.0)
     assert [duration_text(s) for s in (40.2, 150.0, 7200.0)] == ["40 s", "2.5 min", "2.0 h"]
+
+
+def test_progress_scales_the_step_costs_by_how_much_longer_the_runs_took(monkeypatch, tmp_path):
+    runs = [("standard", 10, 10.0), ("mltp", 10, 0.0), ("mltp_fo", 5, 0.0)]
+    progress = _progress_with_fake_runs(monkeypatch, {"standard": 0.5, "mltp": 1.0, "mltp_fo": 0.6}, runs)
+    assert progress.left() == pytest.approx(0.5 * 10 + 1.0 * 10 + 0.6 * 5)  # the step costs alone
+    progress.train(None, "standard", 0, tmp_path / "standard", RunOptions(), None, "standard")
+    # standard took 10 s where its step cost said 5 s: twice as long
+    assert progress.left() == pytest.approx(2 * (1.0 * 10 + 0.6 * 5))
 
 
 def test_reproduce_plan_counts_runs_and_steps():

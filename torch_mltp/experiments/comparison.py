@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from torch_mltp.data import DataSplits, load_dataset
 
-from . import distributed
+from . import distributed, loaders
 from .loaders import split_training
 from .loop import metric_name
 from .plots import plot_accuracy, plot_alphas, plot_gradient_cosine
@@ -254,12 +254,16 @@ def compare(
     options: RunOptions,
     data: Optional[DataSplits] = None,
     baseline_root: Optional[Path] = None,
+    progress: Optional[Progress] = None,
+    label: Optional[str] = None,
 ) -> dict:
-    """Train every procedure with every seed under ``root`` and return the summary.
+    """Train every procedure with every seed under ``root`` and return the summary (:func:`summarize`).
 
     Runs already finished with the same settings are reused, interrupted ones resumed. The standard
     runs live under ``baseline_root`` when it is given (default ``root``): standard training does not
-    depend on the MLTP settings, so comparisons that differ only in those can share them.
+    depend on the MLTP settings, so comparisons that differ only in those can share them. ``progress``:
+    the progress of a larger plan that these runs are part of (default: these runs alone); ``label``: the
+    runs' name in its lines (default: the data set, the model and the procedure).
     """
     if len(set(seeds)) != len(seeds) or len(set(procedures)) != len(procedures):
         raise ValueError("procedures and seeds must not repeat")
@@ -268,45 +272,108 @@ def compare(
     check_procedures(experiment, procedures, data)
     split_training(data, experiment, distributed.current())  # a bad --batch-size fails before any run
     plan = [(procedure, seed) for seed in seeds for procedure in procedures]
-    size = f"{len(plan)} runs ({len(procedures)} procedure(s) x {len(seeds)} seed(s))"
-    log.info("%s of %s on %s into %s", size, experiment.model, experiment.dataset, root)
+    if progress is None:
+        size = f"{len(plan)} runs ({len(procedures)} procedure(s) x {len(seeds)} seed(s))"
+        log.info("%s of %s on %s into %s", size, experiment.model, experiment.dataset, root)
+        progress = Progress()
+        progress.plan([(procedure, run_steps(experiment, data)) for procedure, _ in plan])
     runs: Dict[Tuple[str, int], RunResult] = {}
-    clock = RunClock()
-    for index, (procedure, seed) in enumerate(plan, start=1):
-        log.info("run %d/%d: %s seed %d ...", index, len(plan), procedure, seed)
+    for procedure, seed in plan:
         parent = baseline_root if procedure == BASELINE and baseline_root is not None else root
-        started = time.perf_counter()
+        name = label or f"{experiment.dataset} {experiment.model} {procedure}"
         folder = Path(parent) / run_dir_name(procedure, seed)
-        run = train_run(experiment, procedure, seed, folder, options, data)
-        if not run.reused:
-            clock.add(procedure, time.perf_counter() - started)
-        runs[procedure, seed] = run
-        left = clock.left([procedure for procedure, _ in plan[index:]])
-        suffix = "" if left is None else f"; about {duration_text(left)} left"
-        log.info("[%d/%d] %s%s", index, len(plan), run_line(experiment, run), suffix)
+        runs[procedure, seed] = progress.train(experiment, procedure, seed, folder, options, data, name)
     return summarize(experiment, procedures, seeds, runs)
 
 
-class RunClock:
-    """The wall-clock seconds of the runs trained so far, per procedure, and what they predict for the
-    runs still to come (runs found finished and reused take no time and are not counted)."""
+def run_steps(experiment: Experiment, data: DataSplits) -> int:
+    """The training steps of one run of ``experiment`` on ``data`` (:func:`.loaders.run_steps`)."""
+    return loaders.run_steps(experiment.recipe, len(data.train), experiment.limit_train_batches)
 
-    def __init__(self) -> None:
-        self.seconds: Dict[str, List[float]] = {}
 
-    def add(self, procedure: str, seconds: float) -> None:
-        self.seconds.setdefault(procedure, []).append(seconds)
+class Progress:
+    """The runs of a plan, trained in order, each with a line as it starts and as it ends; the second says
+    how long the runs still to come (:meth:`plan`) will take: their steps times the seconds per step of
+    their procedure as measured by its runs so far (wall clock, evaluation included), else as
+    ``step_seconds`` say (:func:`.cost.step_costs`) times how much longer than they said the runs so far
+    took, else as all runs so far took. Runs found finished and reused are not timed."""
 
-    def left(self, procedures: Sequence[str]) -> Optional[float]:
-        """Seconds that runs of ``procedures`` will take: each at the mean of its procedure's runs so far,
-        or of all runs so far for a procedure not yet trained; ``None`` before any run or when none is
-        left."""
-        every = [seconds for runs in self.seconds.values() for seconds in runs]
-        if not every or not procedures:
-            return None
-        overall = math.fsum(every) / len(every)
-        mean = {procedure: math.fsum(runs) / len(runs) for procedure, runs in self.seconds.items()}
-        return math.fsum(mean.get(procedure, overall) for procedure in procedures)
+    def __init__(self, step_seconds: Optional[Dict[str, float]] = None):
+        self.step_seconds = step_seconds or {}
+        self.done = 0
+        self.upcoming: List[Tuple[str, int]] = []
+        self.measured: Dict[str, List[Tuple[float, int]]] = {}  # per procedure: (seconds, steps) per run
+
+    def plan(self, upcoming: Sequence[Tuple[str, int]]) -> None:
+        """The runs still to come, the next first, as (procedure, training steps)."""
+        self.upcoming = list(upcoming)
+
+    @property
+    def total(self) -> int:
+        return self.done + len(self.upcoming)
+
+    def left(self) -> Optional[float]:
+        """Seconds the runs still to come will take; ``None`` when nothing says."""
+        every = [run for runs in self.measured.values() for run in runs]
+        costed = [run for p, runs in self.measured.items() if p in self.step_seconds for run in runs]
+        predicted = math.fsum(
+            self.step_seconds[p] * steps
+            for p, runs in self.measured.items()
+            if p in self.step_seconds
+            for _, steps in runs
+        )
+        slowdown = _seconds(costed) / predicted if predicted > 0 else 1.0
+        seconds = []
+        for procedure, steps in self.upcoming:
+            rate = _per_step(self.measured.get(procedure, []))
+            if rate is None and procedure in self.step_seconds:
+                rate = self.step_seconds[procedure] * slowdown
+            rate = _per_step(every) if rate is None else rate
+            if rate is None:
+                return None
+            seconds.append(rate * steps)
+        return math.fsum(seconds)
+
+    def train(
+        self,
+        experiment: Experiment,
+        procedure: str,
+        seed: int,
+        folder: Path,
+        options: RunOptions,
+        data: DataSplits,
+        label: str,
+    ) -> RunResult:
+        """One run (:func:`.training.train_run`) and its two lines."""
+        log.info("run %d/%d: %s seed %d ...", self.done + 1, self.total, label, seed)
+        started = time.perf_counter()
+        run = train_run(experiment, procedure, seed, folder, options, data)
+        steps = self.upcoming.pop(0)[1] if self.upcoming else run_steps(experiment, data)
+        if not run.reused:
+            self.measured.setdefault(procedure, []).append((time.perf_counter() - started, steps))
+        self.done += 1
+        left = self.left()
+        suffix = "" if left is None or not self.upcoming else f"; about {duration_text(left)} left"
+        log.info(
+            "[%d/%d] %s seed %d: %s (%s)%s",
+            self.done,
+            self.total,
+            label,
+            seed,
+            _result_text(run),
+            run.run_dir,
+            suffix,
+        )
+        return run
+
+
+def _seconds(runs: Sequence[Tuple[float, int]]) -> float:
+    return math.fsum(seconds for seconds, _ in runs)
+
+
+def _per_step(runs: Sequence[Tuple[float, int]]) -> Optional[float]:
+    steps = sum(steps for _, steps in runs)
+    return _seconds(runs) / steps if steps else None
 
 
 def duration_text(seconds: float) -> str:
@@ -316,16 +383,13 @@ def duration_text(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
-def run_line(experiment: Experiment, run: RunResult) -> str:
-    """One line on a run of a comparison: its final test accuracy and how long it trained, or, for a run
-    found finished in its folder with the same settings, that it was reused."""
+def _result_text(run: RunResult) -> str:
+    """A finished run's final test (and validation) accuracy and how long it trained, or that it was
+    found finished in its folder with the same settings and reused."""
     final = run.final
-    result = f"test acc {final['test_acc']:.2f}% after {final['epoch']} epochs"
+    validation = f", val acc {final['val_acc']:.2f}%" if "val_acc" in final else ""
+    result = f"test acc {final['test_acc']:.2f}%{validation} after {final['epoch']} epochs"
     if run.reused:
-        result = f"reused, {result}"
-    else:
-        seconds = sum(record["epoch_time_s"] + record["eval_time_s"] for record in run.history)
-        result = f"{result}, {seconds:.0f}s"
-    return (
-        f"{experiment.dataset} {experiment.model} {run.procedure} seed {run.seed}: {result} ({run.run_dir})"
-    )
+        return f"reused, {result}"
+    seconds = sum(record["epoch_time_s"] + record["eval_time_s"] for record in run.history)
+    return f"{result}, {seconds:.0f}s"

@@ -22,7 +22,6 @@ import dataclasses
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -32,14 +31,14 @@ from torch import nn
 
 from torch_mltp.data import DataSplits
 
-from .comparison import duration_text, training_seconds
+from . import comparison
+from .comparison import Progress, duration_text, run_steps
 from .cost import step_costs
-from .loaders import batches_per_epoch
 from .recipes import MLTP_MODES, Recipe
 from .sources import folder_name, function_name, user_data
 from .stats import holm, paired_difference
-from .tables import interval_text, markdown, mean_sd_text, p_text
-from .training import Experiment, ExperimentError, RunOptions, resolve_device, split_training, train_run
+from .tables import arms_table, interval_text, markdown, p_text
+from .training import Experiment, ExperimentError, RunOptions, resolve_device, split_training
 
 log = logging.getLogger(__name__)
 
@@ -138,10 +137,7 @@ class Decision:
 
     def table(self) -> str:
         """The arms and the paired comparisons as markdown, then the verdict."""
-        arms = [
-            [data["label"], str(data["steps"]), mean_sd_text(data["test_acc"]), f"{data['train_s']:.1f}"]
-            for data in self.arms.values()
-        ]
+        arms = [(a["label"], a["steps"], a["test_acc"], a["train_s_per_seed"]) for a in self.arms.values()]
         rows = [
             [
                 f"{entry['treatment']} − {entry['baseline']}",
@@ -155,7 +151,7 @@ class Decision:
         seeds = self.setup["seeds"]
         return "\n".join(
             [
-                markdown(["arm", "steps", "test top-1 (%)", "train s/run"], arms),
+                arms_table(arms),
                 "",
                 markdown(["comparison", "Δ top-1 [95% CI]", "p (t)", "p (Holm)", "outcome"], rows),
                 "",
@@ -208,29 +204,31 @@ def _default_names(make_model, make_data, loss) -> Dict[str, str]:
 
 
 def decide(experiment: Experiment, data: DataSplits, plan: Plan, out: Path, options: RunOptions) -> Decision:
-    """The steps of the module docstring for ``experiment`` (its recipe is the schedule to scale)."""
+    """The steps of the module docstring for ``experiment`` (its recipe is the schedule to scale), each
+    group of runs a comparison (:func:`.comparison.compare`) of one progress."""
     options = dataclasses.replace(
         options, log_epochs=False, cosine_every=0, command="compare", progress=False
     )
     device = resolve_device(options.device)
     split_training(data, experiment)  # a batch larger than the data fails before anything runs
     costs = measured_costs(experiment, data, plan, out / COST_FILE, device, again=options.overwrite)
-    runner = _Runner(experiment, data, plan, costs, out, options)
+    runs = _Runs(experiment, data, plan, costs, out, options)
+    runs.replan()
     log.info(
         "%d runs: about %s in all (from the measured step times; evaluation not included)",
-        runner.total,
-        duration_text(runner.estimate()),
+        runs.progress.total,
+        duration_text(runs.progress.left() or 0.0),
     )
-    tuning = {"budget": runner.choose_budget()}
-    if runner.tunes_rho:
-        tuning["sam_rho"] = runner.choose_rho()
-    arms = {arm.name: runner.run_arm(arm) for arm in plan.arms}
+    tuning = {"budget": runs.choose_budget()}
+    if runs.tunes_rho:
+        tuning["sam_rho"] = runs.choose_rho()
+    arms = {arm.name: runs.run_arm(arm) for arm in plan.arms}
     comparisons = analyse(plan.arms, arms)
     setup = {
         "dataset": experiment.dataset,
         "model": experiment.model,
         "loss": experiment.loss_name or "cross_entropy",
-        "recipe": runner.recipe.to_dict(),
+        "recipe": runs.recipe.to_dict(),
         "seeds": list(plan.seeds),
         "plan": {**dataclasses.asdict(plan), "arms": [arm.name for arm in plan.arms]},
         "cost": costs,
@@ -259,23 +257,21 @@ def measured_costs(
     return costs
 
 
-class _Runner:
-    """The runs of one decision, in order, each with a progress line and the time left."""
+class _Runs:
+    """The comparisons of one decision, in order, with one progress over all of their runs."""
 
     def __init__(self, experiment, data, plan: Plan, costs: dict, out: Path, options: RunOptions):
         self.experiment, self.data, self.plan, self.costs = experiment, data, plan, costs
         self.out, self.options = out, options
         self.base = self.recipe = experiment.recipe
-        self.done = 0
-        self.predicted = self.measured = 0.0  # seconds of the runs trained so far, predicted and measured
-        self.samples: Dict[Tuple[Optional[int], Optional[float]], int] = {}
+        self.progress = Progress({p: cost["seconds_per_step"] for p, cost in costs.items()})
 
     @property
     def tunes_rho(self) -> bool:
         return len(self.plan.sam_rhos) > 1 and any(arm.procedure == "sam" for arm in self.plan.arms)
 
-    def planned(self) -> List[Tuple[str, Recipe]]:
-        """Every run of the plan in order, as (procedure, recipe), the arms at the current budget."""
+    def replan(self) -> None:
+        """Tell the progress every run still to come, the arms at the current budget."""
         plan, runs = self.plan, []
         if len(plan.budgets) > 1:
             runs += [("standard", self.base.scaled(s)) for s in plan.budgets for _ in plan.tuning_seeds]
@@ -283,19 +279,7 @@ class _Runner:
             sam = self.recipe.scaled(self.scale_of(next(a for a in plan.arms if a.procedure == "sam")))
             runs += [("sam", sam) for _ in plan.sam_rhos for _ in plan.tuning_seeds]
         runs += [(a.procedure, self.recipe.scaled(self.scale_of(a))) for a in plan.arms for _ in plan.seeds]
-        return runs
-
-    @property
-    def total(self) -> int:
-        return len(self.planned())
-
-    def estimate(self) -> float:
-        """Seconds the runs still to come will take: their steps at the measured step costs, times how much
-        longer than that the runs so far took (evaluation, loading)."""
-        seconds = math.fsum(
-            self._seconds(procedure, recipe) for procedure, recipe in self.planned()[self.done :]
-        )
-        return seconds * (self.measured / self.predicted if self.predicted else 1.0)
+        self.progress.plan([(p, self.steps(recipe)) for p, recipe in runs[self.progress.done :]])
 
     def scale_of(self, arm: Arm) -> float:
         """How many times the budget's steps ``arm`` trains: 1, or the cost ratio of ``arm.cost_of``."""
@@ -304,42 +288,15 @@ class _Runner:
         return round(self.costs[arm.cost_of]["ratio"] / self.costs[arm.procedure]["ratio"], 2)
 
     def steps(self, recipe: Recipe) -> int:
-        """The training steps of one run with ``recipe`` (its training samples split off once per
-        ``train_samples`` and ``val_fraction``)."""
-        key = (recipe.train_samples, recipe.val_fraction)
-        if key not in self.samples:
-            experiment = dataclasses.replace(self.experiment, recipe=recipe)
-            self.samples[key] = len(split_training(self.data, experiment)[0])
-        limit = self.experiment.limit_train_batches
-        return recipe.epochs * batches_per_epoch(self.samples[key], recipe.batch_size, limit)
+        return run_steps(dataclasses.replace(self.experiment, recipe=recipe), self.data)
 
-    def _seconds(self, procedure: str, recipe: Recipe) -> float:
-        return self.steps(recipe) * self.costs[procedure]["seconds_per_step"]
-
-    def train(self, experiment: Experiment, procedure: str, seed: int, folder: Path, label: str):
-        """One run, and its progress line."""
-        started = time.perf_counter()
-        run = train_run(experiment, procedure, seed, folder, self.options, self.data)
-        self.done += 1
-        seconds = time.perf_counter() - started
-        if not run.reused:
-            self.measured += seconds
-            self.predicted += self._seconds(procedure, experiment.recipe)
-        final = run.final
-        validation = f", val {final['val_acc']:.2f}%" if "val_acc" in final else ""
-        left = f"; about {duration_text(self.estimate())} left" if self.done < self.total else ""
-        log.info(
-            "[%d/%d] %s seed %d: test %.2f%%%s (%s)%s",
-            self.done,
-            self.total,
-            label,
-            seed,
-            final["test_acc"],
-            validation,
-            "reused" if run.reused else f"{seconds:.0f} s",
-            left,
+    def compare(self, recipe: Recipe, procedure: str, seeds, folder: Path, label: str) -> dict:
+        """``procedure`` with ``recipe`` on ``seeds`` in ``folder``: :func:`.comparison.compare`'s summary."""
+        experiment = dataclasses.replace(self.experiment, recipe=recipe)
+        options, data, progress = self.options, self.data, self.progress
+        return comparison.compare(
+            experiment, (procedure,), seeds, folder, options, data, None, progress, label
         )
-        return run
 
     def choose_budget(self) -> dict:
         """The budget scale with the highest mean validation accuracy of standard training."""
@@ -350,6 +307,7 @@ class _Runner:
         best = max(rows, key=lambda row: (row["val_acc"], -row["value"]))
         self.recipe = self.base.scaled(best["value"])
         log.info("budget: %gx the recipe's schedule (%d epochs)", best["value"], self.recipe.epochs)
+        self.replan()
         return {"value": best["value"], "rows": rows}
 
     def choose_rho(self) -> dict:
@@ -364,36 +322,34 @@ class _Runner:
 
     def _tune(self, procedure: str, recipe: Recipe, name: str, value: float) -> dict:
         """``procedure`` on the tuning seeds with the validation split: its mean validation accuracy."""
-        experiment = dataclasses.replace(
-            self.experiment, recipe=recipe.replace(val_fraction=self.plan.val_fraction)
+        recipe = recipe.replace(val_fraction=self.plan.val_fraction)
+        summary = self.compare(
+            recipe,
+            procedure,
+            self.plan.tuning_seeds,
+            self.out / "tuning" / name,
+            f"tuning {name} {procedure}",
         )
-        accuracies = []
-        for seed in self.plan.tuning_seeds:
-            folder = self.out / "tuning" / name / f"{procedure}-seed{seed}"
-            accuracies.append(
-                self.train(experiment, procedure, seed, folder, f"tuning {name}").final["val_acc"]
-            )
-        return {"value": value, "val_acc": math.fsum(accuracies) / len(accuracies), "per_seed": accuracies}
+        accuracies = summary["summary"][procedure]["val_acc"]
+        return {"value": value, "val_acc": accuracies["mean"], "per_seed": accuracies["per_seed"]}
 
     def run_arm(self, arm: Arm) -> dict:
         """Every seed of ``arm`` on all training samples; its per-seed results."""
-        experiment = dataclasses.replace(self.experiment, recipe=self.recipe.scaled(self.scale_of(arm)))
-        folder = self.out / folder_name(arm.name)
-        runs = [
-            self.train(experiment, arm.procedure, seed, folder / f"{arm.procedure}-seed{seed}", arm.label)
-            for seed in self.plan.seeds
-        ]
-        seconds = [training_seconds(run.history) for run in runs]
+        recipe = self.recipe.scaled(self.scale_of(arm))
+        result = self.compare(
+            recipe, arm.procedure, self.plan.seeds, self.out / folder_name(arm.name), arm.label
+        )
+        summary = result["summary"][arm.procedure]
         return {
             "label": arm.label,
             "procedure": arm.procedure,
             "steps_scale": self.scale_of(arm),
-            "epochs": experiment.recipe.epochs,
-            "steps": self.steps(experiment.recipe),
-            "test_acc": [run.final["test_acc"] for run in runs],
-            "train_s_per_seed": seconds,
-            "train_s": math.fsum(seconds) / len(seconds),
-            "run_dirs": [str(run.run_dir) for run in runs],
+            "epochs": recipe.epochs,
+            "steps": self.steps(recipe),
+            "test_acc": summary["test_acc"]["per_seed"],
+            "train_s_per_seed": summary["train_time_s"]["per_seed"],
+            "train_s": summary["train_time_s"]["mean"],
+            "run_dirs": [run["run_dir"] for run in result["runs"][arm.procedure].values()],
         }
 
 

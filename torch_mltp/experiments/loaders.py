@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torch_mltp.data import DataSplits
 
 from .distributed import SINGLE_PROCESS, Processes
-from .recipes import TRAIN_SUBSET_SEED, VALIDATION_SEED
+from .recipes import TRAIN_SUBSET_SEED, VALIDATION_SEED, Recipe
 from .runs import ExperimentError
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ def validation_split(dataset: Dataset, fraction: Optional[float]) -> Tuple[Datas
     seed), the rest trains. ``None``: the whole data set trains, no validation part."""
     if fraction is None:
         return dataset, None
-    held_out = math.floor(fraction * len(dataset) + 0.5)
+    held_out = validation_size(len(dataset), fraction)
     if not 0 < fraction < 1 or not 1 <= held_out <= len(dataset) - 2:
         raise ExperimentError(
             f"--val-fraction {fraction} of {len(dataset)} training samples leaves no validation sample or "
@@ -46,6 +46,11 @@ def validation_split(dataset: Dataset, fraction: Optional[float]) -> Tuple[Datas
         )
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(VALIDATION_SEED)).tolist()
     return Subset(dataset, sorted(order[held_out:])), Subset(dataset, sorted(order[:held_out]))
+
+
+def validation_size(samples: int, fraction: float) -> int:
+    """How many of ``samples`` training samples a validation fraction holds out (halves round up)."""
+    return math.floor(fraction * samples + 0.5)
 
 
 def split_training(
@@ -85,6 +90,16 @@ def batches_per_epoch(samples: int, batch_size: int, limit: Optional[int] = None
     batch of one sample is dropped), at most ``limit``."""
     batches = math.ceil(samples / batch_size) - (samples % batch_size == 1)
     return batches if limit is None else min(batches, limit)
+
+
+def run_steps(recipe: Recipe, total_samples: int, limit: Optional[int] = None) -> int:
+    """The training steps of one run with ``recipe`` on a training set of ``total_samples`` samples: its
+    epochs times the batches of an epoch (:func:`batches_per_epoch`) of the samples that
+    :func:`split_training` keeps (one process)."""
+    samples = recipe.train_samples or total_samples
+    if recipe.val_fraction is not None:
+        samples -= validation_size(samples, recipe.val_fraction)
+    return recipe.epochs * batches_per_epoch(samples, recipe.batch_size, limit)
 
 
 def make_loader(

@@ -13,6 +13,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .stats import mean_std
+
 MAX_COLUMNS = 3
 PANEL_SIZE = (4.8, 3.6)  # inches per panel
 DPI = 130
@@ -287,19 +289,13 @@ def plot_gradient_cosine(result: dict, path: Path) -> Optional[Path]:
 # -- the confirmatory study ------------------------------------------------------------------------------
 
 
-def _mean_sd(values: Sequence[float]) -> tuple:
-    """Mean and sample standard deviation (0 for one value: no error bar)."""
-    array = np.asarray(values, dtype=float)
-    return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else 0.0
-
-
 CHOSEN = {"marker": "o", "markersize": 14, "markerfacecolor": "none", "color": "black", "linestyle": "none"}
 """How the budget figure circles the chosen budget."""
 
 
 def _error_bars(axis, rows: Sequence[dict], metric: str, **style) -> None:
     """Each row's mean ± 1 sd of ``metric`` over the seeds against its training steps."""
-    points = [_mean_sd(row[metric]["per_seed"]) for row in rows]
+    points = [mean_std(row[metric]["per_seed"]) for row in rows]
     steps = [row["steps"] for row in rows]
     axis.errorbar(steps, [mean for mean, _ in points], yerr=[sd for _, sd in points], capsize=3, **style)
 
@@ -325,7 +321,7 @@ def budget_figure(choices: dict):
                         )
                     if row["budget"] == entry["budget"]["budget"] and metric == "val_acc":
                         axis.plot(
-                            row["steps"], _mean_sd(row[metric]["per_seed"])[0], label="chosen", **CHOSEN
+                            row["steps"], mean_std(row[metric]["per_seed"])[0], label="chosen", **CHOSEN
                         )
             _steps_axis(axis, [row["steps"] for row in scaled])
             axis.set_ylabel("final accuracy (%)")
@@ -359,7 +355,7 @@ def cost_figure(analysis: dict):
         figure, axes = _grid(len(panels))
         for axis, (model, key, arms) in zip(axes, panels):
             points = {
-                name: (_mean_sd(arm["train_time_s"]), _mean_sd(arm["test_acc"])) for name, arm in arms.items()
+                name: (mean_std(arm["train_time_s"]), mean_std(arm["test_acc"])) for name, arm in arms.items()
             }
             curve = sorted((points[name] for name in STANDARD_ARMS), key=lambda point: point[0][0])
             times, accuracies = [x for (x, _), _ in curve], [y for _, (y, _) in curve]

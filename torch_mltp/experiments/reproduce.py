@@ -14,6 +14,7 @@ import torch
 from torch_mltp.data import dataset_folder, dataset_present, load_dataset
 from torch_mltp.models import default_num_classes
 
+from . import loaders
 from .comparison import BASELINE, compare, duration_text, write_outputs
 from .cost import seconds_per_step
 from .recipes import TABLES, TRAIN_SET_SIZES, recipe_for
@@ -57,14 +58,10 @@ def table_rows(
     return rows
 
 
-def train_samples(experiment: Experiment) -> int:
-    """The number of training samples: the recipe's ``train_samples``, else the whole training set."""
-    return experiment.recipe.train_samples or TRAIN_SET_SIZES[experiment.dataset]
-
-
-def steps_per_epoch(experiment: Experiment) -> int:
-    steps = math.ceil(train_samples(experiment) / experiment.recipe.batch_size)
-    return steps if experiment.limit_train_batches is None else min(steps, experiment.limit_train_batches)
+def run_steps(experiment: Experiment) -> int:
+    """The training steps of one run of ``experiment`` on its whole data set (:func:`.loaders.run_steps`)."""
+    recipe = experiment.recipe
+    return loaders.run_steps(recipe, TRAIN_SET_SIZES[experiment.dataset], experiment.limit_train_batches)
 
 
 STEP_COST = {
@@ -122,8 +119,9 @@ def plan_lines(
     yield (
         f"{len(settings)} (model, procedure) settings x {len(seeds)} seed(s) {tuple(seeds)} = "
         f"{len(settings) * len(seeds)} runs "
-        f"of {first.recipe.epochs} epochs, {steps_per_epoch(first)} steps per epoch "
-        f"(batch {first.recipe.batch_size}, {train_samples(first)} training samples)"
+        f"of {first.recipe.epochs} epochs, {run_steps(first) // first.recipe.epochs} steps per epoch "
+        f"(batch {first.recipe.batch_size}, {first.recipe.train_samples or TRAIN_SET_SIZES[first.dataset]} "
+        "training samples)"
     )
     for row in rows:
         yield f"{row.experiment.model}: {row.experiment.recipe}"
@@ -157,10 +155,7 @@ def timing_lines(
     for index, row in enumerate(rows, start=1):
         experiment = row.experiment
         seconds = measure_step_seconds(experiment, device, timing_steps)
-        runs = {
-            procedure: seconds * cost[procedure] * steps_per_epoch(experiment) * experiment.recipe.epochs
-            for procedure in row.procedures
-        }
+        runs = {procedure: seconds * cost[procedure] * run_steps(experiment) for procedure in row.procedures}
         total += math.fsum(runs.values()) * len(seeds)
         yield (
             f"  [{index:{width}d}/{len(rows)}] {experiment.model:<9} {seconds:8.4f} s/step; per run: "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence, Tuple
 
 from .stats import mean_std
 
@@ -41,3 +41,13 @@ def interval_text(difference: Optional[dict], digits: int = 2) -> str:
     if difference["low"] is None:
         return mean
     return f"{mean} [{difference['low']:+.{digits}f}, {difference['high']:+.{digits}f}]"
+
+
+def arms_table(arms: Iterable[Tuple[str, int, Sequence[float], Sequence[float]]]) -> str:
+    """The arms of a comparison, one row per (name, steps per run, test accuracy per seed, training seconds
+    per seed): steps, mean ± sd of the accuracy, mean seconds."""
+    rows = [
+        [name, str(steps), mean_sd_text(accuracies), f"{math.fsum(seconds) / len(seconds):.1f}"]
+        for name, steps, accuracies, seconds in arms
+    ]
+    return markdown(["arm", "steps", "test top-1 (%)", "train s/run"], rows)

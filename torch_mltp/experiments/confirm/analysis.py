@@ -4,13 +4,12 @@ family's hypotheses with Holm-Bonferroni adjusted p-values, verdicts and seconda
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..comparison import CONFIDENCE
-from ..loaders import batches_per_epoch
-from ..recipes import TRAIN_SET_SIZES
+from ..loaders import run_steps
+from ..recipes import TRAIN_SET_SIZES, Recipe
 from ..stats import holm, non_inferiority_p, paired_difference
 from .design import (
     ARMS,
@@ -38,13 +37,10 @@ def summary(results_root: Path, name: str) -> Optional[dict]:
 def steps_per_run(result: dict) -> int:
     """The training steps of one run of a comparison's recipe (``limit_train_batches`` included)."""
     experiment = result["experiment"]
-    recipe = experiment["recipe"]
-    samples = recipe["train_samples"] or TRAIN_SET_SIZES[result["dataset"]]
-    if recipe.get("val_fraction") is not None:
-        samples -= math.floor(recipe["val_fraction"] * samples + 0.5)
-    return recipe["epochs"] * batches_per_epoch(
-        samples, recipe["batch_size"], experiment.get("limit_train_batches")
-    )
+    stored = {**Recipe.field_defaults(), **experiment["recipe"]}
+    recipe = Recipe(**{**stored, "milestones": tuple(stored["milestones"])})
+    limit = experiment.get("limit_train_batches")
+    return run_steps(recipe, TRAIN_SET_SIZES[result["dataset"]], limit)
 
 
 def pick(rows: List[dict], key: str) -> dict:

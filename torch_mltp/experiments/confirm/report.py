@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from statistics import fmean as mean
 from typing import List
 
-from ..tables import interval_text, markdown, mean_sd_text, p_text
+from ..tables import arms_table, interval_text, markdown, mean_sd_text, p_text
 from .design import LEVEL, MARGIN
 
 FAMILY_NOTE = (
@@ -25,8 +24,7 @@ def _claim_cells(entry: dict) -> List[str]:
 def regime_tables(result: dict) -> List[str]:
     """One regime of a family: its arms, hypotheses and secondary comparisons."""
     arms = [
-        [name, str(arm["steps"]), mean_sd_text(arm["test_acc"]), f"{mean(arm['train_time_s']):.1f}"]
-        for name, arm in result["arms"].items()
+        (name, arm["steps"], arm["test_acc"], arm["train_time_s"]) for name, arm in result["arms"].items()
     ]
     hypotheses = [
         [*_claim_cells(e), e["test"], p_text(e["p"]), p_text(e["p_holm"]), e["verdict"]]
@@ -34,7 +32,7 @@ def regime_tables(result: dict) -> List[str]:
     ]
     secondary = [[*_claim_cells(e), p_text(e["p"])] for e in result["secondary"]]
     return [
-        markdown(["arm", "steps", "test top-1 (%)", "train s/run"], arms),
+        arms_table(arms),
         markdown(["", "claim", "Δ top-1 [95% CI]", "test", "p", "p (Holm)", "verdict"], hypotheses),
         markdown(["", "secondary (not corrected)", "Δ top-1 [95% CI]", "p (t)"], secondary),
     ]
