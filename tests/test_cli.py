@@ -518,6 +518,29 @@ def test_compare_reports_each_run_and_the_time_left_as_it_goes_also_into_a_pipe(
     assert lines[3] == "run 2/4: mnist1d mnist1d_cnn mltp seed 0 ...\n"
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGPIPE exit status")
+def test_a_reader_that_stops_reading_ends_the_command_quietly(data_root, tmp_path):
+    """``torch-mltp train ... | head -1``: the next line ends the command, without a traceback or a logging
+    error per line, with status 141 (128 + SIGPIPE) as a Unix tool."""
+    argv = ["train", "--procedure", "standard", "--epochs", "50", "--out", str(tmp_path / "run")]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "torch_mltp.experiments", *argv, *tiny(data_root)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=repo_env(),
+    )
+    try:
+        first = process.stdout.readline()
+        process.stdout.close()  # as head -1 does
+        status = process.wait(timeout=120)
+    finally:
+        process.kill()
+    assert first.startswith("standard seed 0 epoch 1/50: ")
+    assert status == 141 and process.stderr.read() == ""
+    assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) < 50  # it stopped, resumable from there
+
+
 def test_compare_says_how_long_it_takes_as_the_readme_does(capsys):
     with pytest.raises(SystemExit):
         main(["compare", "--help"])

@@ -50,7 +50,6 @@ from .training import (
 )
 
 DEFAULT_DATASET = "mnist1d"
-DEFAULT_ARMS = decision.DEFAULT_ARMS
 DATA_ROOT_ENV = "TORCH_MLTP_DATA"
 DEFAULT_DATA_ROOT = "data"
 """The data folder when neither ``--data-root`` nor ``$TORCH_MLTP_DATA`` names one: created when missing
@@ -170,7 +169,20 @@ def _add_run_options(parser: argparse.ArgumentParser, out: str, processes: bool 
     )
     group.add_argument("--tensorboard", action="store_true", help="also log to <run>/tensorboard")
     if processes:
-        _add_torchrun_options(group)
+        group.add_argument(
+            "--tasks",
+            choices=TASK_SCOPES,
+            help="under torchrun: MLTP's two tasks are each process's halves of its batch (local, default) "
+            "or the unions of all processes' halves (global, the default and the only one with --fsdp)",
+        )
+        group.add_argument(
+            "--dist-timeout",
+            type=_positive_float,
+            default=distributed.DEFAULT_TIMEOUT_S,
+            metavar="SECONDS",
+            help="under torchrun: how long a process waits in a collective for the others before it fails "
+            f"(default {distributed.DEFAULT_TIMEOUT_S:.0f})",
+        )
     group.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
@@ -190,23 +202,6 @@ def _add_run_options(parser: argparse.ArgumentParser, out: str, processes: bool 
         metavar="K",
         help="measure the cosine of the two half batches' gradients before every K-th step, logged as "
         f"grad_cosine (it does not change the training; 0: never; default {DEFAULT_COSINE_EVERY})",
-    )
-
-
-def _add_torchrun_options(group) -> None:
-    group.add_argument(
-        "--tasks",
-        choices=TASK_SCOPES,
-        help="under torchrun: MLTP's two tasks are each process's halves of its batch (local, default) or "
-        "the unions of all processes' halves (global, the default and the only one with --fsdp)",
-    )
-    group.add_argument(
-        "--dist-timeout",
-        type=_positive_float,
-        default=distributed.DEFAULT_TIMEOUT_S,
-        metavar="SECONDS",
-        help="under torchrun: how long a process waits in a collective for the others before it fails "
-        f"(default {distributed.DEFAULT_TIMEOUT_S:.0f})",
     )
 
 
@@ -359,7 +354,7 @@ def _add_decision_options(parser: argparse.ArgumentParser) -> None:
         type=_arm,
         metavar="ARM",
         help="PROCEDURE, or PROCEDURE@OTHER to train it as long as OTHER's measured cost (default: "
-        f"{' '.join(DEFAULT_ARMS)}); procedures: {', '.join(ALL_PROCEDURES)}",
+        f"{' '.join(decision.DEFAULT_ARMS)}); procedures: {', '.join(ALL_PROCEDURES)}",
     )
     seeds = " ".join(map(str, decision.DEFAULT_SEEDS))
     group.add_argument("--seeds", nargs="+", type=_seed, help=f"the paired seeds (default: {seeds})")
@@ -471,7 +466,7 @@ def _procedures(args: argparse.Namespace) -> List[str]:
 
 
 def _arms(args: argparse.Namespace) -> List[decision.Arm]:
-    return args.arms or [decision.Arm.parse(spec) for spec in DEFAULT_ARMS]
+    return args.arms or [decision.Arm.parse(spec) for spec in decision.DEFAULT_ARMS]
 
 
 def _milestones_warning(args: argparse.Namespace) -> Optional[str]:
@@ -521,9 +516,7 @@ def _resolve_data_root(args: argparse.Namespace) -> Optional[str]:
 def _recipe_overrides(args: argparse.Namespace) -> dict:
     """The recipe's fields as the command line gives them (``None``: not given); ``--steps-scale`` is applied
     after them (:func:`_scaled`)."""
-    overrides = {
-        name: getattr(args, name) for name in _RECIPE_OPTIONS if name not in ("milestones", "steps_scale")
-    }
+    overrides = {name: getattr(args, name) for name in _RECIPE_OPTIONS if name != "steps_scale"}
     if args.milestones is not None:
         overrides["milestones"] = tuple(args.milestones)
     return overrides
@@ -549,8 +542,7 @@ def _run_options(args: argparse.Namespace, log_epochs: bool) -> RunOptions:
 
 def _tasks(args: argparse.Namespace) -> str:
     """``--tasks``, by default ``global`` with ``--fsdp`` and ``local`` otherwise."""
-    given = getattr(args, "tasks", None)
-    return given or ("global" if getattr(args, "fsdp", False) else "local")
+    return getattr(args, "tasks", None) or ("global" if getattr(args, "fsdp", False) else "local")
 
 
 def _base_recipe(args: argparse.Namespace) -> Recipe:
@@ -736,7 +728,13 @@ def _processes(args: argparse.Namespace) -> Iterator[None]:
 
 
 class _StdoutHandler(logging.StreamHandler):
-    """The handler :func:`messages_to_stdout` adds."""
+    """The handler :func:`messages_to_stdout` adds. A pipe whose reader stopped reading (``| head``) ends
+    the command (:func:`main`) instead of printing a logging error for every line that follows."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], BrokenPipeError):
+            raise  # the error being handled
+        super().handleError(record)
 
 
 @contextlib.contextmanager
@@ -788,6 +786,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "finished epoch"
         )
         return 130
+    except BrokenPipeError:  # as a Unix tool ends when its reader stops: quietly, at the next line
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout at exit
+        return 141  # 128 + SIGPIPE
     finally:
         torch.set_num_threads(previous_threads)
     return 0
