@@ -103,14 +103,13 @@ class Training:
         if self.sharded:
             _shard_optimizer_state(self.optimizer)
         self.scheduler.load_state_dict(checkpoint["scheduler"])
-        states = checkpoint["rng"]
-        saved_processes = len(states) if isinstance(states, list) else 1
-        if saved_processes != processes.world_size:
+        states = checkpoint["rng"] if isinstance(checkpoint["rng"], list) else [checkpoint["rng"]]
+        if len(states) != processes.world_size:
             raise ExperimentError(
-                f"the checkpoint was written by {saved_processes} process(es); resume it with as many "
+                f"the checkpoint was written by {len(states)} process(es); resume it with as many "
                 f"(this run has {processes.world_size})"
             )
-        restore_rng_states(states[processes.rank] if isinstance(states, list) else states)
+        restore_rng_states(states[processes.rank])
 
 
 def _shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:

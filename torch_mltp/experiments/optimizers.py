@@ -27,25 +27,20 @@ def _base_optimizer(recipe: Recipe) -> Tuple[type, dict]:
     raise ExperimentError(f"unknown optimizer {recipe.optimizer!r}; choose adam or sgd")
 
 
-def _sam(model: nn.Module, recipe: Recipe, kind: type, settings: dict) -> torch.optim.Optimizer:
-    """``pytorch_optimizer.SAM`` with the recipe's optimizer as its base and radius ``recipe.sam_rho``."""
-    try:
-        from pytorch_optimizer import SAM
-    except ImportError:
-        raise ExperimentError(
-            "--procedure sam needs the pytorch-optimizer package: pip install 'torch-mltp[vision]'"
-        ) from None
-    return SAM(model.parameters(), kind, rho=recipe.sam_rho, **settings)
-
-
 def build_optimizer(
     model: nn.Module, recipe: Recipe, procedure: str, tasks: str = "local"
 ) -> torch.optim.Optimizer:
     """The recipe's optimizer over ``model``; MLTP procedures wrap it in ``MLTPOptimizer``, ``sam`` in
-    ``pytorch_optimizer.SAM``."""
+    ``pytorch_optimizer.SAM`` (radius ``recipe.sam_rho``)."""
     kind, settings = _base_optimizer(recipe)
     if procedure == "sam":
-        return _sam(model, recipe, kind, settings)
+        try:
+            from pytorch_optimizer import SAM
+        except ImportError:
+            raise ExperimentError(
+                "--procedure sam needs the pytorch-optimizer package: pip install 'torch-mltp[vision]'"
+            ) from None
+        return SAM(model.parameters(), kind, rho=recipe.sam_rho, **settings)
     base = kind(model.parameters(), **settings)
     mode = MLTP_MODES[procedure]
     if mode is None:

@@ -20,17 +20,13 @@ def preserved_state(model: nn.Module, device: torch.device) -> Iterator[None]:
     """Put back ``model``'s buffers (BatchNorm running statistics and counters) and the torch RNG state
     (CPU, and ``device``'s when it is a CUDA device: dropout masks) as they were on entry."""
     buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, saved in buffers:
-                buffer.copy_(saved)
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state(cuda_rng, device)
+    with torch.random.fork_rng([device] if device.type == "cuda" else [], device_type="cuda"):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for buffer, saved in buffers:
+                    buffer.copy_(saved)
 
 
 def gradient_cosine(
@@ -51,16 +47,6 @@ def gradient_cosine(
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     closures = task_closures(loss_fn, x, y)
     with preserved_state(model, x.device):
-        gradients = []
-        for closure in closures:
-            grads = torch.autograd.grad(closure(), parameters, allow_unused=True)
-            gradients.append(
-                torch.cat(
-                    [
-                        (torch.zeros_like(p) if g is None else g).reshape(-1).double()
-                        for p, g in zip(parameters, grads)
-                    ]
-                )
-            )
-    first, second = gradients
+        grads = [torch.autograd.grad(closure(), parameters, materialize_grads=True) for closure in closures]
+    first, second = (torch.cat([g.reshape(-1).double() for g in task]) for task in grads)
     return (first @ second) / (first.norm() * second.norm())

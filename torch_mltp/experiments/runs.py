@@ -119,7 +119,7 @@ class RunFolder:
         """Write the configuration and the metrics kept from a resumed run."""
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / METRICS_FILE).write_text("".join(json.dumps(record) + "\n" for record in history))
-        _write_json(config, self.path / CONFIG_FILE)
+        _atomic_save(config, self.path / CONFIG_FILE)
 
     def append_metrics(self, record: dict) -> None:
         with open(self.path / METRICS_FILE, "a") as handle:
@@ -130,7 +130,7 @@ class RunFolder:
 
     def finish(self, model_state: dict, result: dict) -> None:
         _atomic_save(model_state, self.path / FINAL_FILE)
-        _write_json(result, self.path / RESULT_FILE)
+        _atomic_save(result, self.path / RESULT_FILE)
 
 
 def written_by(path: Path) -> Optional[str]:
@@ -176,12 +176,10 @@ def _differences(stored: dict, wanted: dict, ignored: Set[str], prefix: str = ""
 
 
 def _atomic_save(obj, path: Path) -> None:
+    """Write ``obj`` (as JSON to a ``.json`` file, else with ``torch.save``) by replacing ``path``."""
     temporary = path.with_name(path.name + ".tmp")
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
-
-
-def _write_json(obj, path: Path) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(obj, indent=2) + "\n")
+    if path.suffix == ".json":
+        temporary.write_text(json.dumps(obj, indent=2) + "\n")
+    else:
+        torch.save(obj, temporary)
     os.replace(temporary, path)

@@ -202,11 +202,6 @@ def run_config(
     return json_normal(config)
 
 
-def settings_ignored_by(procedure: str) -> Tuple[str, ...]:
-    """Dotted names of the recipe settings that a run of ``procedure`` does not depend on."""
-    return tuple(f"experiment.recipe.{name}" for name in unused_fields(procedure))
-
-
 def _summary_writer_class():
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -292,7 +287,7 @@ class _Run:
                     self.options.overwrite,
                     self.options.require_checkpoint,
                     defaults=json_normal({"experiment": {"recipe": Recipe.field_defaults()}}),
-                    ignored=settings_ignored_by(self.procedure),
+                    ignored=[f"experiment.recipe.{name}" for name in unused_fields(self.procedure)],
                     writer=self.options.command,
                 )
                 verdict = (last_epoch, None)
@@ -337,7 +332,6 @@ class _Run:
 
     @property
     def workers(self) -> int:
-        """DataLoader workers: ``options.num_workers``, else 4 on CUDA and 0 on the CPU."""
         if self.options.num_workers is not None:
             return self.options.num_workers
         return 4 if self.device.type == "cuda" else 0
@@ -366,7 +360,7 @@ def train_run(
     processes = distributed.current()
     check_options(recipe, procedure, options, processes)
     device = resolve_device(processes.device(options.device))
-    run = _Run(experiment, procedure, seed, options, processes, device, RunFolder(Path(run_dir)))
+    run = _Run(experiment, procedure, seed, options, processes, device, RunFolder(run_dir))
     config = run_config(experiment, procedure, seed, processes, options.tasks, options.fsdp)
     last_epoch = run.open_folder(config)
     if run.folder.finished(last_epoch, recipe.epochs):
