@@ -18,8 +18,8 @@ from torch.utils.data import Dataset, TensorDataset
 
 from torch_mltp import MLTPOptimizer
 from torch_mltp.data import DataSplits, default_model_names, load_dataset
-from torch_mltp.experiments.checkpoints import restore_rng_states, rng_states
 from torch_mltp.experiments import comparison
+from torch_mltp.experiments.checkpoints import restore_rng_states, rng_states
 from torch_mltp.experiments.comparison import (
     Progress,
     duration_text,

@@ -7,6 +7,7 @@ figure has a band, its legend says what the band is.
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -29,8 +30,9 @@ FONTS = {
 }
 
 
-def _grid(panels: int):
-    """A figure of ``panels`` panels, at most :data:`MAX_COLUMNS` per row, rows filled evenly.
+def _grid(panels: int, figsize: Optional[tuple] = None):
+    """A figure of ``panels`` panels, at most :data:`MAX_COLUMNS` per row, rows filled evenly, each
+    :data:`PANEL_SIZE` unless ``figsize`` is given.
 
     Returns the figure and the list of the ``panels`` axes in use (the unused cells are hidden).
     """
@@ -38,21 +40,11 @@ def _grid(panels: int):
 
     rows = math.ceil(panels / MAX_COLUMNS)
     columns = math.ceil(panels / rows)
-    figure = Figure(figsize=(PANEL_SIZE[0] * columns, PANEL_SIZE[1] * rows), layout="constrained")
+    figure = Figure(figsize=figsize or (PANEL_SIZE[0] * columns, PANEL_SIZE[1] * rows), layout="constrained")
     axes = list(figure.subplots(rows, columns, squeeze=False).flat)
     for unused in axes[panels:]:
         unused.set_visible(False)
     return figure, axes[:panels]
-
-
-def _steps_axis(axis, steps: Sequence[int]) -> None:
-    """A log axis of training steps, labelled at ``steps`` only."""
-    from matplotlib.ticker import NullFormatter
-
-    axis.set_xscale("log")
-    axis.set_xticks(list(steps), [f"{step:,}" for step in steps])
-    axis.xaxis.set_minor_formatter(NullFormatter())
-    axis.set_xlabel("training steps")
 
 
 def _legend_below(figure, axis) -> None:
@@ -60,12 +52,33 @@ def _legend_below(figure, axis) -> None:
     figure.legend(*axis.get_legend_handles_labels(), loc="outside lower center", ncols=4)
 
 
-def _save(figure, path: Path) -> Path:
-    import matplotlib
+def _in_fonts(function: Callable) -> Callable:
+    """``function`` run under :data:`FONTS`: titles, labels and legends take their sizes when they are made,
+    tick labels when the figure is drawn."""
 
-    with matplotlib.rc_context(FONTS):  # tick labels are made when the figure is drawn
-        figure.savefig(path, dpi=DPI)
-    return path
+    @functools.wraps(function)
+    def in_fonts(*args, **kwargs):
+        import matplotlib
+
+        with matplotlib.rc_context(FONTS):
+            return function(*args, **kwargs)
+
+    return in_fonts
+
+
+def _writer(make: Callable[[dict], object]) -> Callable[[dict, Path], Optional[Path]]:
+    """``plot(data, path)``: write the figure ``make(data)`` to ``path`` and return ``path``; ``None``,
+    writing nothing, when ``make`` draws no figure."""
+
+    def plot(data: dict, path: Path) -> Optional[Path]:
+        figure = make(data)
+        if figure is None:
+            return None
+        _in_fonts(figure.savefig)(path, dpi=DPI)
+        return path
+
+    plot.__doc__ = f"Write :func:`{make.__name__}` to ``path``; ``None``, writing nothing, if it draws none."
+    return plot
 
 
 def _curves(result: dict, procedure: str, key) -> np.ndarray:
@@ -75,13 +88,9 @@ def _curves(result: dict, procedure: str, key) -> np.ndarray:
     return np.array([[key(record) for record in run["history"][:epochs]] for run in runs], dtype=float)
 
 
-def _seeds_text(result: dict) -> str:
-    seeds = len(result["seeds"])
-    return f"{seeds} seed{'s' * (seeds != 1)}"
-
-
 def _title(result: dict) -> str:
-    return f"{result['model']} on {result['dataset']}, mean over {_seeds_text(result)}"
+    seeds = len(result["seeds"])
+    return f"{result['model']} on {result['dataset']}, mean over {seeds} seed{'s' * (seeds != 1)}"
 
 
 def _epoch_axis(axis, ylabel: str, epochs: int) -> None:
@@ -98,10 +107,6 @@ def _epoch_axis(axis, ylabel: str, epochs: int) -> None:
     axis.grid(alpha=0.3)
 
 
-def _marker(epochs: int) -> Optional[str]:
-    return "o" if epochs < 15 else None
-
-
 BAND_SPREADS = {"sd": "1 sd", "se": "1 standard error"}
 """The half widths a band can have: the sample standard deviation over the seeds (n − 1), or the standard
 error of their mean (sd / √n)."""
@@ -113,14 +118,15 @@ def band_label(seeds: int, spread: str = "sd") -> str:
     return f"band: mean ± {BAND_SPREADS[spread]} over {seeds} seeds"
 
 
-def _mean_with_band(axis, values: np.ndarray, colour: str, label: str, spread: str = "sd") -> int:
-    """Plot the mean over the rows of ``values`` (seeds x epochs) and, with more than one row, a band of
-    ± one ``spread`` (:data:`BAND_SPREADS`); returns the number of epochs."""
+def _mean_line(axis, values: np.ndarray, colour, label: str, spread: Optional[str] = None) -> int:
+    """Plot the mean over the rows of ``values`` (seeds x epochs), with markers up to 14 epochs, and, given a
+    ``spread`` and more than one row, a band of ± one ``spread`` (:data:`BAND_SPREADS`); returns the
+    number of epochs."""
     epochs = np.arange(1, values.shape[1] + 1)
     mean = values.mean(axis=0)
-    axis.plot(epochs, mean, marker=_marker(len(epochs)), color=colour, label=label)
+    axis.plot(epochs, mean, marker="o" if len(epochs) < 15 else None, color=colour, label=label)
     seeds = values.shape[0]
-    if seeds > 1:
+    if spread is not None and seeds > 1:
         half_width = values.std(axis=0, ddof=1) / (np.sqrt(seeds) if spread == "se" else 1.0)
         axis.fill_between(epochs, mean - half_width, mean + half_width, color=colour, alpha=0.15, linewidth=0)
     return len(epochs)
@@ -136,39 +142,31 @@ def _legend_with_band(axis, seeds: int, spread: str = "sd", **placement) -> None
     axis.legend(handles, labels, **placement)
 
 
+def _procedure_colour(index: int) -> str:
+    """The colour of the ``index``-th procedure of a comparison, the same in every figure."""
+    return f"C{index % 10}"
+
+
+@_in_fonts
 def accuracy_figure(result: dict):
     """Test accuracy (and top-5 when reported) and train loss per epoch.
 
     Lines: mean over the seeds; with more than one seed a band of ± one sample standard deviation
     (n − 1), named in the legend.
     """
-    import matplotlib
-
     panels = [
         (metric, f"test {metric.replace('test_', '').replace('acc', 'accuracy')} (%)")
         for metric in result["metrics"]
     ] + [("train_loss", "train loss")]
-    seeds = len(result["seeds"])
-    with matplotlib.rc_context(FONTS):
-        figure, axes = _grid(len(panels))
-        for axis, (metric, label) in zip(axes, panels):
-            for index, procedure in enumerate(result["procedures"]):
-                values = _curves(result, procedure, lambda record, m=metric: record[m])
-                epochs = _mean_with_band(axis, values, _procedure_colour(index), procedure)
-            _epoch_axis(axis, label, epochs)
-        _legend_with_band(axes[0], seeds)
-        figure.suptitle(_title(result))
+    figure, axes = _grid(len(panels))
+    for axis, (metric, label) in zip(axes, panels):
+        for index, procedure in enumerate(result["procedures"]):
+            values = _curves(result, procedure, lambda record, m=metric: record[m])
+            epochs = _mean_line(axis, values, _procedure_colour(index), procedure, "sd")
+        _epoch_axis(axis, label, epochs)
+    _legend_with_band(axes[0], len(result["seeds"]))
+    figure.suptitle(_title(result))
     return figure
-
-
-def _procedure_colour(index: int) -> str:
-    """The colour of the ``index``-th procedure of a comparison, the same in every figure."""
-    return f"C{index % 10}"
-
-
-def plot_accuracy(result: dict, path: Path) -> Path:
-    """Write :func:`accuracy_figure` to ``path``."""
-    return _save(accuracy_figure(result), path)
 
 
 def _procedures_logging(result: dict, logged: Callable[[List[dict]], bool]) -> List[str]:
@@ -188,10 +186,7 @@ def layer_order(result: dict, procedures: Sequence[str]) -> List[str]:
     The procedure with the most layers gives the order; layers only the others have follow.
     """
     by_size = sorted(procedures, key=lambda procedure: -len(_layers(result, procedure)))
-    order: List[str] = []
-    for procedure in by_size:
-        order += [layer for layer in _layers(result, procedure) if layer not in order]
-    return order
+    return list(dict.fromkeys(layer for procedure in by_size for layer in _layers(result, procedure)))
 
 
 def layer_colours(layers: Sequence[str]) -> Dict[str, tuple]:
@@ -205,6 +200,7 @@ def layer_colours(layers: Sequence[str]) -> Dict[str, tuple]:
     return {layer: depth(index / (len(layers) - 1)) for index, layer in enumerate(layers)}
 
 
+@_in_fonts
 def alphas_figure(result: dict):
     """One panel per MLTP procedure: each layer's alpha at the end of each epoch (mean over seeds).
 
@@ -220,34 +216,24 @@ def alphas_figure(result: dict):
         return None
     order = layer_order(result, procedures)
     colours = layer_colours(order)
-    with matplotlib.rc_context(FONTS):
-        figure, axes = _grid(len(procedures))
-        for axis, procedure in zip(axes, procedures):
-            for layer in _layers(result, procedure):
-                values = _curves(
-                    result, procedure, lambda record, name=layer: np.mean(record["alphas"][name])
-                )
-                epochs = np.arange(1, values.shape[1] + 1)
-                mean = values.mean(axis=0)
-                axis.plot(epochs, mean, marker=_marker(len(epochs)), color=colours[layer], label=layer)
-            axis.set_title(procedure)
-            _epoch_axis(axis, "alpha", len(epochs))
-            if len(order) <= MAX_LEGEND_LAYERS:
-                axis.legend()
-        if len(order) > MAX_LEGEND_LAYERS:
-            mappable = ScalarMappable(Normalize(0, len(order) - 1), matplotlib.colormaps[DEPTH_COLOURMAP])
-            bar = figure.colorbar(mappable, ax=axes, shrink=0.9)
-            bar.set_label(f"layer index: 0 = {order[0]}, {len(order) - 1} = {order[-1]}")
-        figure.suptitle(f"alpha per layer, {_title(result)}")
+    figure, axes = _grid(len(procedures))
+    for axis, procedure in zip(axes, procedures):
+        for layer in _layers(result, procedure):
+            values = _curves(result, procedure, lambda record, name=layer: np.mean(record["alphas"][name]))
+            epochs = _mean_line(axis, values, colours[layer], layer)
+        axis.set_title(procedure)
+        _epoch_axis(axis, "alpha", epochs)
+        if len(order) <= MAX_LEGEND_LAYERS:
+            axis.legend()
+    if len(order) > MAX_LEGEND_LAYERS:
+        mappable = ScalarMappable(Normalize(0, len(order) - 1), matplotlib.colormaps[DEPTH_COLOURMAP])
+        bar = figure.colorbar(mappable, ax=axes, shrink=0.9)
+        bar.set_label(f"layer index: 0 = {order[0]}, {len(order) - 1} = {order[-1]}")
+    figure.suptitle(f"alpha per layer, {_title(result)}")
     return figure
 
 
-def plot_alphas(result: dict, path: Path) -> Optional[Path]:
-    """Write :func:`alphas_figure` to ``path``; ``None``, writing nothing, when no procedure learns alphas."""
-    figure = alphas_figure(result)
-    return None if figure is None else _save(figure, path)
-
-
+@_in_fonts
 def gradient_cosine_figure(result: dict):
     """The cosine similarity of the two tasks' gradients per epoch, one line per procedure that measured
     it in every epoch of every run (mean over the seeds; with more than one seed a band of ± one standard
@@ -257,33 +243,25 @@ def gradient_cosine_figure(result: dict):
     Each epoch's value is the mean over the steps measured in it (every ``cosine_every``-th step), both
     gradients taken at the same weights, so standard training has a curve too.
     """
-    import matplotlib
-    from matplotlib.figure import Figure
-
     procedures = _procedures_logging(result, lambda history: all("grad_cosine" in r for r in history))
     if not procedures:
         return None
-    with matplotlib.rc_context(FONTS):
-        # one wide panel, the legend beside it: the curves of all procedures lie close together
-        figure = Figure(figsize=(2 * PANEL_SIZE[0], 1.2 * PANEL_SIZE[1]), layout="constrained")
-        axis = figure.subplots()
-        for procedure in procedures:
-            values = _curves(result, procedure, lambda record: record["grad_cosine"])
-            index = result["procedures"].index(procedure)
-            epochs = _mean_with_band(axis, values, _procedure_colour(index), procedure, spread="se")
-        axis.axhline(0.0, color="black", linewidth=0.8, alpha=0.5)
-        _epoch_axis(axis, "cos(∇L_i, ∇L_j) at the same w", epochs)
-        seeds = len(result["seeds"])
-        _legend_with_band(axis, seeds, "se", loc="upper left", bbox_to_anchor=(1.02, 1.0))
-        figure.suptitle(f"gradient cosine of the two half batches, {_title(result)}")
+    # one wide panel, the legend beside it: the curves of all procedures lie close together
+    figure, (axis,) = _grid(1, figsize=(2 * PANEL_SIZE[0], 1.2 * PANEL_SIZE[1]))
+    for procedure in procedures:
+        values = _curves(result, procedure, lambda record: record["grad_cosine"])
+        colour = _procedure_colour(result["procedures"].index(procedure))
+        epochs = _mean_line(axis, values, colour, procedure, "se")
+    axis.axhline(0.0, color="black", linewidth=0.8, alpha=0.5)
+    _epoch_axis(axis, "cos(∇L_i, ∇L_j) at the same w", epochs)
+    _legend_with_band(axis, len(result["seeds"]), "se", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    figure.suptitle(f"gradient cosine of the two half batches, {_title(result)}")
     return figure
 
 
-def plot_gradient_cosine(result: dict, path: Path) -> Optional[Path]:
-    """Write :func:`gradient_cosine_figure` to ``path``; ``None``, writing nothing, when no procedure
-    measured the gradient cosine."""
-    figure = gradient_cosine_figure(result)
-    return None if figure is None else _save(figure, path)
+plot_accuracy = _writer(accuracy_figure)
+plot_alphas = _writer(alphas_figure)
+plot_gradient_cosine = _writer(gradient_cosine_figure)
 
 
 # -- the confirmatory study ------------------------------------------------------------------------------
@@ -300,116 +278,105 @@ def _error_bars(axis, rows: Sequence[dict], metric: str, **style) -> None:
     axis.errorbar(steps, [mean for mean, _ in points], yerr=[sd for _, sd in points], capsize=3, **style)
 
 
+@_in_fonts
 def budget_figure(choices: dict):
     """Standard training's final validation and test accuracy against its number of steps, one panel per
     model and regime: the recipe's schedule scaled (lines) and the MNIST-1D authors' recipe (squares);
-    the chosen budget circled. Error bars: ± 1 sd over the tuning seeds."""
-    import matplotlib
+    the chosen budget circled. Error bars: ± 1 sd over the tuning seeds. The steps axis is logarithmic,
+    labelled at the scaled budgets only."""
+    from matplotlib.ticker import NullFormatter
 
     panels = [(model, key, entry) for model, regimes in choices.items() for key, entry in regimes.items()]
-    with matplotlib.rc_context(FONTS):
-        figure, axes = _grid(len(panels))
-        for axis, (model, key, entry) in zip(axes, panels):
-            scaled = [row for row in entry["rows"] if row["budget"] != "authors"]
-            for colour, metric, label in (("C0", "val_acc", "validation"), ("C1", "test_acc", "test")):
-                _error_bars(axis, scaled, metric, color=colour, marker="o", label=f"{label}, recipe scaled")
-                for row in entry["rows"]:
-                    if row["budget"] == "authors":
-                        authors = f"{label}, authors' recipe"
-                        _error_bars(
-                            axis, [row], metric, color=colour, marker="s", linestyle="none", label=authors
-                        )
-                    if row["budget"] == entry["budget"]["budget"] and metric == "val_acc":
-                        axis.plot(
-                            row["steps"], mean_std(row[metric]["per_seed"])[0], label="chosen", **CHOSEN
-                        )
-            _steps_axis(axis, [row["steps"] for row in scaled])
-            axis.set_ylabel("final accuracy (%)")
-            axis.set_title(f"{model}, {key}")
-        _legend_below(figure, axes[0])
-        seeds = len(panels[0][2]["rows"][0]["val_acc"]["per_seed"])
-        figure.suptitle(f"Standard training against its budget, mean ± 1 sd over {seeds} tuning seeds")
+    figure, axes = _grid(len(panels))
+    for axis, (model, key, entry) in zip(axes, panels):
+        scaled = [row for row in entry["rows"] if row["budget"] != "authors"]
+        for colour, metric, label in (("C0", "val_acc", "validation"), ("C1", "test_acc", "test")):
+            _error_bars(axis, scaled, metric, color=colour, marker="o", label=f"{label}, recipe scaled")
+            for row in entry["rows"]:
+                if row["budget"] == "authors":
+                    authors = f"{label}, authors' recipe"
+                    _error_bars(
+                        axis, [row], metric, color=colour, marker="s", linestyle="none", label=authors
+                    )
+                if row["budget"] == entry["budget"]["budget"] and metric == "val_acc":
+                    axis.plot(row["steps"], mean_std(row[metric]["per_seed"])[0], label="chosen", **CHOSEN)
+        steps = [row["steps"] for row in scaled]
+        axis.set_xscale("log")
+        axis.set_xticks(steps, [f"{step:,}" for step in steps])
+        axis.xaxis.set_minor_formatter(NullFormatter())
+        axis.set_xlabel("training steps")
+        axis.set_ylabel("final accuracy (%)")
+        axis.set_title(f"{model}, {key}")
+    _legend_below(figure, axes[0])
+    seeds = len(panels[0][2]["rows"][0]["val_acc"]["per_seed"])
+    figure.suptitle(f"Standard training against its budget, mean ± 1 sd over {seeds} tuning seeds")
     return figure
-
-
-def plot_budget_curves(choices: dict, path: Path) -> Path:
-    """Write :func:`budget_figure` to ``path``."""
-    return _save(budget_figure(choices), path)
 
 
 STANDARD_ARMS = ("standard", "standard at mltp_fo's cost", "standard at mltp's cost")
 
 
+@_in_fonts
 def cost_figure(analysis: dict):
     """Final test accuracy against the measured training time per run, one panel per model and regime: every
     arm at its mean over the seeds with ± 1 sd error bars in both directions, standard training's arms
     joined as a curve over their budgets."""
-    import matplotlib
-
     panels = [
         (model, key, result["arms"])
         for model, regimes in analysis["families"].items()
         for key, result in regimes.items()
     ]
-    with matplotlib.rc_context(FONTS):
-        figure, axes = _grid(len(panels))
-        for axis, (model, key, arms) in zip(axes, panels):
-            points = {
-                name: (mean_std(arm["train_time_s"]), mean_std(arm["test_acc"])) for name, arm in arms.items()
-            }
-            curve = sorted((points[name] for name in STANDARD_ARMS), key=lambda point: point[0][0])
-            times, accuracies = [x for (x, _), _ in curve], [y for _, (y, _) in curve]
-            axis.plot(times, accuracies, color="grey", linestyle="--", label="standard over its budgets")
-            for index, (name, ((x, x_sd), (y, y_sd))) in enumerate(points.items()):
-                style = {"marker": "os^v<>Dp"[index % 8], "color": f"C{index % 10}", "linestyle": "none"}
-                axis.errorbar(x, y, xerr=x_sd, yerr=y_sd, capsize=3, label=name, **style)
-            axis.set_xlabel("training time per run (s)")
-            axis.set_ylabel("final test accuracy (%)")
-            axis.set_title(f"{model}, {key}")
-        _legend_below(figure, axes[0])
-        seeds = len(next(iter(panels[0][2].values()))["seeds"])
-        figure.suptitle(f"Accuracy against cost, mean ± 1 sd over {seeds} seeds")
+    figure, axes = _grid(len(panels))
+    for axis, (model, key, arms) in zip(axes, panels):
+        points = {
+            name: (mean_std(arm["train_time_s"]), mean_std(arm["test_acc"])) for name, arm in arms.items()
+        }
+        curve = sorted((points[name] for name in STANDARD_ARMS), key=lambda point: point[0][0])
+        times, accuracies = [x for (x, _), _ in curve], [y for _, (y, _) in curve]
+        axis.plot(times, accuracies, color="grey", linestyle="--", label="standard over its budgets")
+        for index, (name, ((x, x_sd), (y, y_sd))) in enumerate(points.items()):
+            style = {"marker": "os^v<>Dp"[index % 8], "color": f"C{index % 10}", "linestyle": "none"}
+            axis.errorbar(x, y, xerr=x_sd, yerr=y_sd, capsize=3, label=name, **style)
+        axis.set_xlabel("training time per run (s)")
+        axis.set_ylabel("final test accuracy (%)")
+        axis.set_title(f"{model}, {key}")
+    _legend_below(figure, axes[0])
+    seeds = len(next(iter(panels[0][2].values()))["seeds"])
+    figure.suptitle(f"Accuracy against cost, mean ± 1 sd over {seeds} seeds")
     return figure
 
 
-def plot_cost(analysis: dict, path: Path) -> Path:
-    """Write :func:`cost_figure` to ``path``."""
-    return _save(cost_figure(analysis), path)
-
-
+@_in_fonts
 def decision_figure(decision: dict):
     """Two panels of a decision (``decision.Decision.to_dict()``): each arm's final test accuracy per seed
     (dots) and mean; each comparison's paired differences per seed (dots), their mean and 95% interval."""
-    import matplotlib
-
-    with matplotlib.rc_context(FONTS):
-        figure, (arms_axis, differences_axis) = _grid(2)
-        for row, arm in enumerate(decision["arms"].values()):
-            values = arm["test_acc"]
-            arms_axis.scatter(values, [row] * len(values), color=f"C{row % 10}", alpha=0.5)
-            arms_axis.plot([math.fsum(values) / len(values)], [row], marker="|", markersize=18, color="black")
-        labels = [arm["label"] for arm in decision["arms"].values()]
-        arms_axis.set_yticks(range(len(labels)), labels)
-        arms_axis.invert_yaxis()
-        arms_axis.set_xlabel("final test accuracy (%)")
-        for row, entry in enumerate(decision["comparisons"]):
-            treatment = decision["arms"][entry["treatment"]]["test_acc"]
-            baseline = decision["arms"][entry["baseline"]]["test_acc"]
-            per_seed = [t - b for t, b in zip(treatment, baseline)]
-            differences_axis.scatter(per_seed, [row] * len(per_seed), color="grey", alpha=0.5)
-            difference = entry["difference"]
-            low, high = difference["low"], difference["high"]
-            error = None if low is None else [[difference["mean"] - low], [high - difference["mean"]]]
-            differences_axis.errorbar(difference["mean"], row, xerr=error, marker="o", color="C3", capsize=4)
-        differences_axis.axvline(0.0, color="black", linewidth=0.8)
-        labels = [f"{entry['treatment']} − {entry['baseline']}" for entry in decision["comparisons"]]
-        differences_axis.set_yticks(range(len(labels)), labels)
-        differences_axis.invert_yaxis()
-        differences_axis.set_xlabel("Δ test accuracy, points (95% CI)")
-        setup = decision["setup"]
-        figure.suptitle(f"{setup['model']} on {setup['dataset']}: {len(setup['seeds'])} paired seeds")
+    arms, comparisons = decision["arms"], decision["comparisons"]
+    figure, (arms_axis, differences_axis) = _grid(2)
+    for row, arm in enumerate(arms.values()):
+        values = arm["test_acc"]
+        arms_axis.scatter(values, [row] * len(values), color=f"C{row % 10}", alpha=0.5)
+        arms_axis.plot([math.fsum(values) / len(values)], [row], marker="|", markersize=18, color="black")
+    arms_axis.set_yticks(range(len(arms)), [arm["label"] for arm in arms.values()])
+    arms_axis.invert_yaxis()
+    arms_axis.set_xlabel("final test accuracy (%)")
+    for row, entry in enumerate(comparisons):
+        treatment, baseline = arms[entry["treatment"]]["test_acc"], arms[entry["baseline"]]["test_acc"]
+        per_seed = [t - b for t, b in zip(treatment, baseline)]
+        differences_axis.scatter(per_seed, [row] * len(per_seed), color="grey", alpha=0.5)
+        difference = entry["difference"]
+        low, high = difference["low"], difference["high"]
+        error = None if low is None else [[difference["mean"] - low], [high - difference["mean"]]]
+        differences_axis.errorbar(difference["mean"], row, xerr=error, marker="o", color="C3", capsize=4)
+    differences_axis.axvline(0.0, color="black", linewidth=0.8)
+    labels = [f"{entry['treatment']} − {entry['baseline']}" for entry in comparisons]
+    differences_axis.set_yticks(range(len(labels)), labels)
+    differences_axis.invert_yaxis()
+    differences_axis.set_xlabel("Δ test accuracy, points (95% CI)")
+    setup = decision["setup"]
+    figure.suptitle(f"{setup['model']} on {setup['dataset']}: {len(setup['seeds'])} paired seeds")
     return figure
 
 
-def plot_decision(decision: dict, path: Path) -> Path:
-    return _save(decision_figure(decision), path)
+plot_budget_curves = _writer(budget_figure)
+plot_cost = _writer(cost_figure)
+plot_decision = _writer(decision_figure)
