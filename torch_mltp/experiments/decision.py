@@ -273,11 +273,13 @@ class _Runs:
     def replan(self) -> None:
         """Tell the progress every run still to come, the arms at the current budget."""
         plan, runs = self.plan, []
+        held_out = {"val_fraction": plan.val_fraction}  # the tuning runs train on the rest
         if len(plan.budgets) > 1:
-            runs += [("standard", self.base.scaled(s)) for s in plan.budgets for _ in plan.tuning_seeds]
+            tuning = [self.base.scaled(s).replace(**held_out) for s in plan.budgets]
+            runs += [("standard", recipe) for recipe in tuning for _ in plan.tuning_seeds]
         if self.tunes_rho:
             sam = self.recipe.scaled(self.scale_of(next(a for a in plan.arms if a.procedure == "sam")))
-            runs += [("sam", sam) for _ in plan.sam_rhos for _ in plan.tuning_seeds]
+            runs += [("sam", sam.replace(**held_out)) for _ in plan.sam_rhos for _ in plan.tuning_seeds]
         runs += [(a.procedure, self.recipe.scaled(self.scale_of(a))) for a in plan.arms for _ in plan.seeds]
         self.progress.plan([(p, self.steps(recipe)) for p, recipe in runs[self.progress.done :]])
 
