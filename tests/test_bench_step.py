@@ -110,3 +110,22 @@ def test_the_hand_written_floor_computes_the_gradients_of_fo(label):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(alphas.grad, torch.stack(expected_a), rtol=1e-12, atol=1e-14)
     assert alphas.grad.abs().min() > 0  # the comparison is not between zeros
+
+
+def test_the_step_cost_benchmark_prints_a_row_per_repeat_and_the_range(data_root, tmp_path):
+    """``benchmarks/bench_step_costs.py``: one row of four ratios per repeat, each row's medians and minima
+    equal over a single round, and the range of each column over the rows."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    command = [
+        sys.executable, str(REPO / "benchmarks" / "bench_step_costs.py"), "--repeats", "2", "--rounds", "1",
+        "--data-root", str(data_root),
+    ]  # fmt: skip
+    process = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert process.returncode == 0, process.stderr
+    rows = table_rows(process.stdout)
+    assert [row[0] for row in rows] == ["1", "2", "range"]
+    ratios = [[float(cell) for cell in row[1:]] for row in rows[:2]]
+    for row in ratios:
+        assert row[:2] == row[2:] and all(ratio > 0 for ratio in row)  # one round: median = min
+    for column, cells in enumerate(zip(*ratios)):
+        assert rows[2][column + 1] == f"{min(cells):.2f}-{max(cells):.2f}"

@@ -1,0 +1,73 @@
+#!/usr/bin/env python3
+"""How much the step costs that ``torch-mltp compare`` measures vary from one measurement to the next.
+
+The decision gives an arm such as ``standard@mltp_fo`` the ratio of two measured step costs times the
+budget's steps (``torch_mltp.experiments.decision.measured_costs``: rounds of at least half a second per
+procedure, interleaved, the median of ``--rounds``). This repeats that measurement ``--repeats`` times on
+the main job's model (MNIST-1D's CNN, batches of 128, one torch thread) and prints each repeat's ratios to
+standard training, as the median and as the minimum over the rounds, then their range (see
+docs/results.md, "Reading the verdict").
+
+    python benchmarks/bench_step_costs.py [--repeats 5] [--rounds 3] [--data-root data]
+"""
+
+import argparse
+import math
+import statistics
+import sys
+from pathlib import Path
+
+try:
+    import torch_mltp  # noqa: F401
+except ImportError:  # run from a checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from torch_mltp.data import load_dataset
+from torch_mltp.experiments.cost import batch_of, seconds_per_step
+from torch_mltp.experiments.recipes import recipe_for
+from torch_mltp.experiments.training import Experiment
+
+PROCEDURES = ("standard", "mltp_fo", "sam")
+SECONDS_PER_ROUND = 0.5  # as the decision's default plan (Plan.cost_seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--data-root", default="data")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    data = load_dataset("mnist1d", args.data_root)
+    experiment = Experiment("mnist1d", "mnist1d_cnn", recipe_for("mnist1d", "mnist1d_cnn"))
+    batch, device = batch_of(data.train, experiment.recipe.batch_size), torch.device("cpu")
+    probe = seconds_per_step(experiment, "standard", data, batch, 5, device)
+    steps = max(20, math.ceil(SECONDS_PER_ROUND / probe))
+    print(f"{args.repeats} measurements of {args.rounds} rounds of {steps} steps per procedure\n")
+    print(
+        "| repeat | "
+        + " | ".join(f"{p} / standard ({how})" for how in ("median", "min") for p in PROCEDURES[1:])
+        + " |"
+    )
+    print("|---" * (1 + 2 * (len(PROCEDURES) - 1)) + "|")
+    ratios = []
+    for repeat in range(1, args.repeats + 1):
+        seconds = {procedure: [] for procedure in PROCEDURES}
+        for _ in range(args.rounds):
+            for procedure in PROCEDURES:
+                seconds[procedure].append(seconds_per_step(experiment, procedure, data, batch, steps, device))
+        row = [
+            summary(seconds[procedure]) / summary(seconds["standard"])
+            for summary in (statistics.median, min)
+            for procedure in PROCEDURES[1:]
+        ]
+        ratios.append(row)
+        print(f"| {repeat} | " + " | ".join(f"{ratio:.2f}" for ratio in row) + " |")
+    ranges = [f"{min(column):.2f}-{max(column):.2f}" for column in zip(*ratios)]
+    print("| range | " + " | ".join(ranges) + " |")
+
+
+if __name__ == "__main__":
+    main()
