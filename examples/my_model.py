@@ -34,6 +34,6 @@ if __name__ == "__main__":
 
     from torch_mltp.experiments import compare
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")  # a line per run, with the time left
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # progress, with the time left
     decision = compare(make_model, make_data)  # runs under runs/compare/__main__-make_model
     print(decision.table())
