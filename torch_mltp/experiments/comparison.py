@@ -392,4 +392,4 @@ def _result_text(run: RunResult) -> str:
     if run.reused:
         return f"reused, {result}"
     seconds = sum(record["epoch_time_s"] + record["eval_time_s"] for record in run.history)
-    return f"{result}, {seconds:.0f}s"
+    return f"{result}, {duration_text(seconds)}"
