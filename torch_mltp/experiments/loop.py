@@ -97,6 +97,7 @@ def train_one_epoch(
     probed_model = model if probed_model is None else probed_model
     tally = TrainTally(device)
     loss_fn = tally.loss_fn(model, criterion)
+    perturbed_loss_fn, probed_loss_fn = plain_loss(model, criterion), plain_loss(probed_model, criterion)
     probe_seconds = 0.0
     total = len(loader) if limit is None else min(limit, len(loader))
     with tqdm(total=total, desc=description, leave=False, disable=not progress, unit="batch") as bar:
@@ -104,9 +105,9 @@ def train_one_epoch(
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if cosine_every and index % cosine_every == 0 and len(x) >= 2:  # two tasks need two samples
                 started = time.perf_counter()
-                tally.add_cosine(gradient_cosine(probed_model, plain_loss(probed_model, criterion), x, y))
+                tally.add_cosine(gradient_cosine(probed_model, probed_loss_fn, x, y))
                 probe_seconds += time.perf_counter() - started
-            tally.add_objective(training_step(optimizer, loss_fn, x, y, plain_loss(model, criterion)))
+            tally.add_objective(training_step(optimizer, loss_fn, x, y, perturbed_loss_fn))
             bar.update()
             if progress and (index % 10 == 0 or index + 1 == total):
                 stats = tally.summary()
