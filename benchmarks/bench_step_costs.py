@@ -12,7 +12,6 @@ docs/results.md, "Reading the verdict").
 """
 
 import argparse
-import math
 import statistics
 import sys
 from pathlib import Path
@@ -25,12 +24,12 @@ except ImportError:  # run from a checkout without installing
 import torch
 
 from torch_mltp.data import load_dataset
-from torch_mltp.experiments.cost import batch_of, seconds_per_step
+from torch_mltp.experiments.cost import step_costs, steps_lasting
+from torch_mltp.experiments.decision import Plan
 from torch_mltp.experiments.recipes import recipe_for
 from torch_mltp.experiments.training import Experiment
 
 PROCEDURES = ("standard", "mltp_fo", "sam")
-SECONDS_PER_ROUND = 0.5  # as the decision's default plan (Plan.cost_seconds)
 
 
 def main() -> None:
@@ -42,9 +41,8 @@ def main() -> None:
     torch.set_num_threads(1)
     data = load_dataset("mnist1d", args.data_root)
     experiment = Experiment("mnist1d", "mnist1d_cnn", recipe_for("mnist1d", "mnist1d_cnn"))
-    batch, device = batch_of(data.train, experiment.recipe.batch_size), torch.device("cpu")
-    probe = seconds_per_step(experiment, "standard", data, batch, 5, device)
-    steps = max(20, math.ceil(SECONDS_PER_ROUND / probe))
+    device = torch.device("cpu")
+    steps = steps_lasting(experiment, data, Plan.cost_seconds, device)  # as the decision times
     print(f"{args.repeats} measurements of {args.rounds} rounds of {steps} steps per procedure\n")
     print(
         "| repeat | "
@@ -54,12 +52,10 @@ def main() -> None:
     print("|---" * (1 + 2 * (len(PROCEDURES) - 1)) + "|")
     ratios = []
     for repeat in range(1, args.repeats + 1):
-        seconds = {procedure: [] for procedure in PROCEDURES}
-        for _ in range(args.rounds):
-            for procedure in PROCEDURES:
-                seconds[procedure].append(seconds_per_step(experiment, procedure, data, batch, steps, device))
+        costs = step_costs(experiment, PROCEDURES, data, steps, args.rounds, device)
+        rounds = {procedure: cost["seconds_per_round"] for procedure, cost in costs.items()}
         row = [
-            summary(seconds[procedure]) / summary(seconds["standard"])
+            summary(rounds[procedure]) / summary(rounds["standard"])
             for summary in (statistics.median, min)
             for procedure in PROCEDURES[1:]
         ]

@@ -6,6 +6,7 @@ The ratios to standard training give the other arms of a comparison their equal-
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from typing import Dict, Sequence, Tuple
@@ -66,7 +67,7 @@ def step_costs(
 ) -> Dict[str, dict]:
     """Per procedure, the median over ``rounds`` rounds of its seconds per step on the first batch of the
     training set (each round times every procedure in turn, so that a slow spell of the machine falls on
-    all of them), and its ratio to the first procedure's (standard training)."""
+    all of them), its ratio to the first procedure's (standard training) and every round's seconds."""
     batch = batch_of(data.train, experiment.recipe.batch_size)
     seconds: Dict[str, list] = {procedure: [] for procedure in procedures}
     for _ in range(rounds):
@@ -75,9 +76,19 @@ def step_costs(
     medians = {procedure: statistics.median(values) for procedure, values in seconds.items()}
     reference = medians[procedures[0]]
     return {
-        procedure: {"seconds_per_step": median, "ratio": round(median / reference, 2)}
+        procedure: {
+            "seconds_per_step": median,
+            "ratio": round(median / reference, 2),
+            "seconds_per_round": seconds[procedure],
+        }
         for procedure, median in medians.items()
     }
+
+
+def steps_lasting(experiment: Experiment, data: DataSplits, seconds: float, device: torch.device) -> int:
+    """How many steps of standard training take at least ``seconds`` (at least 20), from 5 timed ones."""
+    probe = step_costs(experiment, ("standard",), data, 5, 1, device)["standard"]["seconds_per_step"]
+    return max(20, math.ceil(seconds / probe))
 
 
 def _synchronize(device: torch.device) -> None:

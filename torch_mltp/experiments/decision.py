@@ -33,7 +33,7 @@ from torch_mltp.data import DataSplits
 
 from . import comparison
 from .comparison import Progress, duration_text, run_steps
-from .cost import step_costs
+from .cost import step_costs, steps_lasting
 from .recipes import MLTP_MODES, Recipe
 from .sources import folder_name, function_name, user_data
 from .stats import holm, paired_difference
@@ -248,8 +248,7 @@ def measured_costs(
         if set(plan.timed) <= set(costs):
             log.info("step costs from %s (delete it to measure them again)", path)
             return costs
-    probe = step_costs(experiment, ("standard",), data, 5, 1, device)["standard"]["seconds_per_step"]
-    steps = max(20, math.ceil(plan.cost_seconds / probe))
+    steps = steps_lasting(experiment, data, plan.cost_seconds, device)
     costs = step_costs(experiment, plan.timed, data, steps, plan.cost_rounds, device)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(costs, indent=2) + "\n")
